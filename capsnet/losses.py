@@ -1,0 +1,85 @@
+"""Losses of Sabour et al. 2017: the margin loss (Eq. 4) and the reconstruction loss."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["margin_loss", "reconstruction_loss", "as_target_mask"]
+
+
+def as_target_mask(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Turn labels into a ``(batch, num_classes)`` 0/1 float mask ``T_k``.
+
+    ``target`` is either class indices of shape ``(batch,)`` or, for inputs with several objects
+    (MultiMNIST), a 0/1 mask of shape ``(batch, num_classes)`` already.
+    """
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dim() == 1:
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise TypeError(f"class indices must be an integer tensor, got dtype {target.dtype}")
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {num_classes - 1}], "
+                f"got values from {int(target.min())} to {int(target.max())}"
+            )
+        return torch.nn.functional.one_hot(target.long(), num_classes).float()
+    if target.dim() == 2 and target.shape[1] == num_classes:
+        return target.float()
+    raise ValueError(
+        f"target must be class indices of shape (batch,) or a mask of shape (batch, {num_classes}), "
+        f"got shape {tuple(target.shape)}"
+    )
+
+
+def margin_loss(
+    lengths: torch.Tensor,
+    target: torch.Tensor,
+    m_pos: float = 0.9,
+    m_neg: float = 0.1,
+    lam: float = 0.5,
+) -> torch.Tensor:
+    """Margin loss, Eq. 4, summed over classes and averaged over the batch.
+
+    ``L_k = T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2``
+
+    Args:
+        lengths: capsule lengths ``|v_k|``, shape ``(batch, num_classes)``.
+        target: class indices ``(batch,)``, or a 0/1 mask ``(batch, num_classes)`` when an image
+            holds several classes.
+        m_pos, m_neg: the margins: a present class should have length above ``m_pos``, an
+            absent one below ``m_neg``.
+        lam: down-weights the absent classes so that early in training the lengths of all
+            capsules are not pushed towards zero together.
+
+    Returns:
+        A scalar tensor.
+    """
+    if lengths.dim() != 2:
+        raise ValueError(f"lengths must have shape (batch, num_classes), got {tuple(lengths.shape)}")
+    t = as_target_mask(target, lengths.shape[1]).to(lengths.dtype)
+    if t.shape[0] != lengths.shape[0]:
+        raise ValueError(f"target has {t.shape[0]} examples but lengths has {lengths.shape[0]}")
+    present = t * (m_pos - lengths).clamp_min(0).square()
+    absent = lam * (1.0 - t) * (lengths - m_neg).clamp_min(0).square()
+    return (present + absent).sum(dim=1).mean()
+
+
+def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Sum of squared pixel errors per image, averaged over the batch.
+
+    The paper scales this by 0.0005 so it does not dominate the margin loss: with 784 pixels
+    that equals ``0.392 x`` the mean squared error per pixel.
+
+    Args:
+        reconstructions: decoder output, shape ``(batch, pixels)`` or the images' shape.
+        images: the inputs, shape ``(batch, channels, height, width)``.
+    """
+    flat_images = images.reshape(images.shape[0], -1)
+    flat_recon = reconstructions.reshape(reconstructions.shape[0], -1)
+    if flat_images.shape != flat_recon.shape:
+        raise ValueError(
+            f"reconstructions have {tuple(flat_recon.shape)} values per batch but images have "
+            f"{tuple(flat_images.shape)}"
+        )
+    return (flat_recon - flat_images.to(flat_recon.dtype)).square().sum(dim=1).mean()
