@@ -98,6 +98,8 @@ def dynamic_routing(
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     if gradient not in ("last", "all"):
         raise ValueError(f"gradient must be 'last' or 'all', got {gradient!r}")
+    if coupling not in ("dynamic", "uniform", "random"):
+        raise ValueError(f"coupling must be 'dynamic', 'uniform' or 'random', got {coupling!r}")
     if coupling != "dynamic":
         c = fixed_couplings(u_hat, coupling, generator)
         return squash(torch.einsum("bij,bijd->bjd", c, u_hat)), c
