@@ -13,7 +13,7 @@ from .losses import as_target_mask
 from .routing import CouplingMode, GradientMode
 from .squashing import capsule_length
 
-__all__ = ["CapsNet", "CapsNetOutput", "Decoder", "BaselineCNN", "check_images"]
+__all__ = ["CapsNet", "CapsNetOutput", "Decoder", "BaselineCNN", "MODELS", "build_model", "check_images"]
 
 
 def check_images(x: torch.Tensor, channels: int, size: int) -> None:
@@ -211,3 +211,13 @@ class BaselineCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.in_channels, self.input_size)
         return self.classifier(self.features(x))
+
+
+MODELS: dict[str, type[nn.Module]] = {"capsnet": CapsNet, "baseline": BaselineCNN}
+
+
+def build_model(kind: str, **kwargs: object) -> nn.Module:
+    """Build a model by name (``"capsnet"`` or ``"baseline"``) with keyword arguments."""
+    if kind not in MODELS:
+        raise ValueError(f"unknown model {kind!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[kind](**kwargs)
