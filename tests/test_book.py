@@ -1,0 +1,373 @@
+"""The book's frame: the chapters listed in _toc.yml exist and carry their stored outputs, the front
+and back matter agree with the package, and the HTML book builds without a single warning.
+
+nbval (configured in pyproject.toml) reruns the notebooks; these tests check what the notebooks
+store, which is what online readers see, and what `jupyter-book build` makes of it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+REPOSITORY_URL = "https://github.com/capsnet-book/capsnet-book"
+BRANCH = "main"
+
+# The code of the first code cell of every chapter (comments aside): on Colab, install this book's
+# package from GitHub; anywhere else, do nothing.
+COLAB_SETUP_CODE = [
+    "import sys",
+    'if "google.colab" in sys.modules:',
+    f'    %pip install -q "capsnet @ git+{REPOSITORY_URL}@{BRANCH}"',
+]
+
+# Terms the chapters link to with {term}`...`; the glossary must define each of them.
+GLOSSARY_TERMS = [
+    "capsule",
+    "activity vector",
+    "pose",
+    "instantiation parameters",
+    "squash",
+    "primary capsule",
+    "prediction vector",
+    "coupling coefficient",
+    "routing by agreement",
+    "agreement",
+    "margin loss",
+    "reconstruction loss",
+    "equivariance",
+    "invariance",
+    "inverse graphics",
+    "max pooling",
+    "DigitCaps",
+    "transformation matrix",
+]
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the table of contents and the notebooks
+
+
+def toc_entries() -> list[str]:
+    """Every file of _toc.yml (without suffix, relative to the repository root), root first."""
+    toc = yaml.safe_load((REPO / "_toc.yml").read_text(encoding="utf-8"))
+    entries = [toc["root"]]
+    for part in toc.get("parts", []):
+        entries += [chapter["file"] for chapter in part["chapters"]]
+    return entries
+
+
+def chapter_entries() -> list[str]:
+    """The entries of _toc.yml that are (or must become) notebooks: all but the Markdown pages."""
+    return [entry for entry in toc_entries() if not (REPO / f"{entry}.md").exists()]
+
+
+CHAPTERS = chapter_entries()
+
+
+def read_chapter(entry: str) -> nbformat.NotebookNode:
+    path = REPO / f"{entry}.ipynb"
+    assert path.exists(), f"{path.relative_to(REPO)} is listed in _toc.yml but does not exist"
+    return nbformat.read(path, as_version=4)
+
+
+def tags(cell: nbformat.NotebookNode) -> set[str]:
+    return set(cell.get("metadata", {}).get("tags", []))
+
+
+def executed_code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    """Code cells a top-to-bottom run executes (non-empty, not tagged skip-execution)."""
+    return [
+        cell
+        for cell in nb.cells
+        if cell.cell_type == "code" and cell.source.strip() and "skip-execution" not in tags(cell)
+    ]
+
+
+def headings(nb: nbformat.NotebookNode) -> list[str]:
+    """The text of every Markdown heading, in order."""
+    found = []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            found += re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", cell.source, flags=re.MULTILINE)
+    return found
+
+
+def code_without_comments(source: str) -> list[str]:
+    lines = [line.split("#", 1)[0].rstrip() for line in source.splitlines()]
+    return [line for line in lines if line.strip()]
+
+
+def is_dropdown_solution(markdown: str) -> bool:
+    """A ```{admonition}``` (or ```{solution}```) directive with ``:class: dropdown``, or a
+    ```{dropdown}``` directive."""
+    if re.search(r"^\s*(`{3,}|:{3,})\{dropdown\}", markdown, flags=re.MULTILINE):
+        return True
+    directive = re.search(r"^\s*(`{3,}|:{3,})\{(admonition|solution)\}", markdown, flags=re.MULTILINE)
+    class_line = re.search(r"^\s*:class:[^\n]*\bdropdown\b", markdown, flags=re.MULTILINE)
+    return bool(directive and class_line and directive.start() < class_line.start())
+
+
+# ---------------------------------------------------------------------------------------------
+# The table of contents
+
+
+def test_toc_has_numbered_parts_of_chapter_notebooks():
+    toc = yaml.safe_load((REPO / "_toc.yml").read_text(encoding="utf-8"))
+    assert toc["format"] == "jb-book"
+    parts = [part for part in toc["parts"] if part.get("numbered")]
+    numbered = [chapter["file"] for part in parts for chapter in part["chapters"]]
+    assert numbered == CHAPTERS, "every notebook is a numbered chapter and every numbered chapter a notebook"
+    assert len(CHAPTERS) >= 6, CHAPTERS
+
+
+@pytest.mark.parametrize("entry", toc_entries())
+def test_toc_entry_exists(entry):
+    candidates = [REPO / f"{entry}{suffix}" for suffix in (".md", ".ipynb")]
+    assert any(path.exists() for path in candidates), f"_toc.yml lists {entry}, but no .md or .ipynb exists"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored outputs of every chapter: one clean top-to-bottom run
+
+
+@pytest.mark.parametrize("entry", CHAPTERS)
+def test_chapter_was_run_top_to_bottom_in_one_kernel(entry):
+    nb = read_chapter(entry)
+    cells = executed_code_cells(nb)
+    assert cells, "the notebook has no code cells"
+    counts = [cell.get("execution_count") for cell in cells]
+    assert counts == list(range(1, len(cells) + 1)), (
+        "execution counts must run 1, 2, 3, ... down the notebook (one fresh kernel, top to bottom, "
+        f"every cell once); found {counts}. Re-execute it with tools/execute_notebooks.py."
+    )
+
+
+@pytest.mark.parametrize("entry", CHAPTERS)
+def test_chapter_stores_no_errors(entry):
+    nb = read_chapter(entry)
+    failing = [
+        (index, output.get("ename"), output.get("evalue"))
+        for index, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and "raises-exception" not in tags(cell)
+        for output in cell.get("outputs", [])
+        if output.output_type == "error"
+    ]
+    assert not failing, f"cells with stored errors (cell index, exception, message): {failing}"
+
+
+@pytest.mark.parametrize("entry", CHAPTERS)
+def test_chapter_stores_a_figure(entry):
+    nb = read_chapter(entry)
+    images = [
+        output
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+    assert images, "no stored PNG figure: run the notebook so its matplotlib figures are saved"
+
+
+@pytest.mark.parametrize("entry", CHAPTERS)
+def test_chapter_stores_the_state_of_its_widgets(entry):
+    nb = read_chapter(entry)
+    views = [
+        output["data"][WIDGET_VIEW]["model_id"]
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if WIDGET_VIEW in output.get("data", {})
+    ]
+    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    missing = [model_id for model_id in views if model_id not in state]
+    assert not missing, (
+        f"widget views without stored state: {missing}. Execute with store_widget_state "
+        "(tools/execute_notebooks.py does)."
+    )
+
+
+@pytest.mark.parametrize("entry", CHAPTERS)
+def test_chapter_starts_with_a_title_and_the_colab_setup_cell(entry):
+    nb = read_chapter(entry)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and first.source.lstrip().startswith("# "), (
+        "the first cell must be a Markdown cell with the chapter's title as a level-1 heading"
+    )
+    setup = next(cell for cell in nb.cells if cell.cell_type == "code")
+    assert code_without_comments(setup.source) == COLAB_SETUP_CODE, (
+        "the first code cell must be the Colab setup cell:\n" + "\n".join(COLAB_SETUP_CODE)
+    )
+
+
+@pytest.mark.parametrize("entry", CHAPTERS)
+def test_chapter_ends_with_summary_and_exercises_with_hidden_solutions(entry):
+    nb = read_chapter(entry)
+    found = headings(nb)
+    assert "Summary" in found, f"no 'Summary' heading; headings are {found}"
+    assert "Exercises" in found, f"no 'Exercises' heading; headings are {found}"
+    after_exercises = False
+    solutions = 0
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        if re.search(r"^#{1,6}\s+Exercises\s*$", cell.source, flags=re.MULTILINE):
+            after_exercises = True
+        if after_exercises and is_dropdown_solution(cell.source):
+            solutions += 1
+    assert solutions >= 1, (
+        "the Exercises section needs at least one hidden solution: a Markdown cell with "
+        "```{admonition} Solution / :class: dropdown"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Front and back matter agree with the package and with each other
+
+
+def test_intro_profile_table_matches_capsnet_profiles():
+    from capsnet.profiles import PROFILES
+
+    text = (REPO / "book" / "intro.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\w+)` \| ([\d,]+|all) \| ([\d,]+|all) \| (\d+) \| (\d+) \|", text, re.MULTILINE)
+
+    def size(cell: str) -> int | None:
+        return None if cell == "all" else int(cell.replace(",", ""))
+
+    table = {name: (size(tr), size(te), int(epochs), int(batch)) for name, tr, te, epochs, batch in rows}
+    package = {
+        name: (profile.train_size, profile.test_size, profile.epochs, profile.batch_size)
+        for name, profile in PROFILES.items()
+    }
+    assert table == package
+
+
+def test_intro_names_only_modules_that_exist():
+    text = (REPO / "book" / "intro.md").read_text(encoding="utf-8")
+    section = text.split("## Chapters and code", 1)[1]
+    modules = sorted(set(re.findall(r"`(capsnet(?:\.\w+)+)`", section)))
+    assert modules, "the intro's chapter table names no capsnet modules"
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    assert not missing, f"book/intro.md maps chapters to modules that do not exist: {missing}"
+
+
+def glossary_terms() -> list[str]:
+    text = (REPO / "book" / "glossary.md").read_text(encoding="utf-8")
+    body = re.search(r"```\{glossary\}\n(.*?)\n```", text, flags=re.DOTALL)
+    assert body, "book/glossary.md has no ```{glossary} block"
+    return [line.strip() for line in body.group(1).splitlines() if line.strip() and not line.startswith(" ")]
+
+
+def test_glossary_defines_the_terms_chapters_use():
+    defined = {term.lower() for term in glossary_terms()}
+    missing = [term for term in GLOSSARY_TERMS if term.lower() not in defined]
+    assert not missing, f"glossary terms missing: {missing}"
+
+
+def bib_entries() -> dict[str, str]:
+    """Key -> the entry's text, for every entry of references.bib."""
+    text = (REPO / "references.bib").read_text(encoding="utf-8")
+    parts = re.split(r"^@\w+\{", text, flags=re.MULTILINE)[1:]
+    return {part.split(",", 1)[0].strip(): part for part in parts}
+
+
+def test_references_have_author_title_year_and_venue():
+    entries = bib_entries()
+    assert len(entries) >= 10
+    for key, entry in entries.items():
+        fields = set(re.findall(r"^\s*(\w+)\s*=", entry, flags=re.MULTILINE))
+        assert {"author", "title", "year"} <= fields, f"{key} lacks author, title or year"
+        assert fields & {"journal", "booktitle"}, f"{key} names no journal or proceedings"
+
+
+def test_every_cited_key_is_in_references():
+    keys = set(bib_entries())
+    pages = [REPO / f"{entry}.md" for entry in toc_entries()]
+    sources = pages + [REPO / f"{entry}.ipynb" for entry in CHAPTERS]
+    unknown = {}
+    for path in sources:
+        if path.exists():
+            for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", path.read_text(encoding="utf-8")):
+                for key in group.split(","):
+                    if key.strip() not in keys:
+                        unknown.setdefault(path.name, []).append(key.strip())
+    assert not unknown, f"citations of keys that references.bib lacks: {unknown}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTML book
+
+
+@pytest.fixture(scope="module")
+def book_build(tmp_path_factory):
+    """Build the book once, outside the repository, exactly as CI does (warnings are errors)."""
+    out = tmp_path_factory.mktemp("book")
+    command = [
+        sys.executable,
+        "-c",
+        "from jupyter_book.cli.main import main; main()",
+        "build",
+        str(REPO),
+        "-W",
+        "-n",
+        "--keep-going",
+        "--path-output",
+        str(out),
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return result, out / "_build" / "html"
+
+
+def read_page(html: Path, entry: str) -> str:
+    page = html / f"{entry}.html"
+    assert page.exists(), f"the build made no {page.relative_to(html)}"
+    return page.read_text(encoding="utf-8")
+
+
+@pytest.mark.book_build
+def test_book_builds_without_warnings(book_build):
+    result, _ = book_build
+    log = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, f"jupyter-book build -W -n --keep-going failed:\n{log}"
+
+
+@pytest.mark.book_build
+@pytest.mark.parametrize("entry", CHAPTERS)
+def test_chapter_page_has_figures_math_and_colab_button(book_build, entry):
+    _, html = book_build
+    page = read_page(html, entry)
+    figure = re.search(r'<img [^>]*src="\.\./_images/[^"]+\.png"', page)
+    assert figure, "no figure from the notebook on the page"
+    assert 'class="math' in page and "mathjax" in page.lower(), "no MathJax-rendered math on the page"
+    colab = f"https://colab.research.google.com/github/capsnet-book/capsnet-book/blob/{BRANCH}/{entry}.ipynb"
+    assert colab in page, f"no Colab launch link {colab}"
+
+
+@pytest.mark.book_build
+def test_glossary_page_defines_every_term(book_build):
+    _, html = book_build
+    page = read_page(html, "book/glossary").lower()
+    for term in GLOSSARY_TERMS:
+        anchor = "term-" + re.sub(r"[^a-z0-9]+", "-", term.lower())
+        assert f'id="{anchor}"' in page, f"glossary page has no anchor for {term!r}"
+
+
+@pytest.mark.book_build
+def test_bibliography_page_lists_every_reference(book_build):
+    _, html = book_build
+    page = read_page(html, "book/bibliography")
+    for key, entry in bib_entries().items():
+        title = re.search(r"title\s*=\s*\{(.*)\},?\s*$", entry, flags=re.MULTILINE).group(1)
+        words = re.sub(r"[{}]", "", title).split()[:3]
+        assert " ".join(words).lower() in page.lower(), f"bibliography page does not list {key} ({title})"
