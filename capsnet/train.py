@@ -338,17 +338,20 @@ def run(
     """Build data and model from ``config`` and train; returns the model and its history.
 
     With ``resume`` the configuration stored in ``out_dir`` is used, except ``epochs``, which may
-    be raised to train longer.
+    be raised to train longer. ``run.json`` lists every command that trained the run (``commands``).
     """
+    commands = [command] if command else []
     if resume and out_dir is not None:
-        saved = json.loads((Path(out_dir) / "run.json").read_text())["config"]
+        saved_record = json.loads((Path(out_dir) / "run.json").read_text())
+        saved = saved_record["config"]
         config = replace(TrainConfig(**saved), epochs=config.epochs or saved["epochs"])
+        commands = saved_record.get("commands", []) + commands
     config = config.resolved()
     device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_kwargs()).to(device)
     train, test = make_data(config, device, data_root)
-    record = {"config": asdict(config), "command": command, "model_kwargs": config.model_kwargs()}
+    record = {"config": asdict(config), "commands": commands, "model_kwargs": config.model_kwargs()}
     history = fit(
         model,
         train,
