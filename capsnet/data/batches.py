@@ -23,6 +23,8 @@ def random_shift(
     Shapes: ``(batch, channels, H, W) -> (batch, channels, H, W)``; works for any dtype and on any
     device (the offsets are drawn with ``generator``, which must live on the images' device).
     """
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (batch, channels, H, W), got {tuple(images.shape)}")
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
     if max_shift == 0:
@@ -72,6 +74,8 @@ class DeviceBatches:
             raise ValueError(f"got {len(images)} images but {len(labels)} labels")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0, got {max_shift}")
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)

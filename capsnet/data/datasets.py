@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +116,7 @@ def _read_verified(path: Path, name: str, file: str) -> bytes:
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:
             raise DataError(
                 f"{path} is damaged (not a complete gzip file: {err}). Delete it and download it "
                 "again, or replace it with a good copy."
@@ -147,7 +149,7 @@ def _download(name: str, file: str, target: Path, progress: bool) -> None:
                         bar.update(len(chunk))
             partial.replace(target)
             return
-        except (urllib.error.URLError, OSError) as err:
+        except (OSError, http.client.HTTPException) as err:  # URLError is an OSError
             errors.append(f"{url}: {err}")
             partial.unlink(missing_ok=True)
     raise DataError(
