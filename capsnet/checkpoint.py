@@ -1,10 +1,13 @@
 """Checkpoints that survive a kill: written to a temporary file in the same folder, flushed to
-disk, then renamed over the old one (an atomic step on POSIX and Windows file systems)."""
+disk, then renamed over the old one (an atomic step on POSIX and Windows file systems). Loading
+checks the CRC-32 that :func:`torch.save` stores for every record of its zip file, so a damaged
+file is reported instead of silently yielding wrong weights."""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,10 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     new checkpoint, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # os.open with mode 0o666 lets the umask decide the permissions, as for any new file
+    # (tempfile.mkstemp would make every checkpoint readable by its owner only).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -30,25 +36,44 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
 
+def _damaged(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable checkpoint ({reason}). It may be truncated or corrupted; restore "
+        "it from a backup, or start the run again in a new folder (without --resume)."
+    )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, with a clear error if it is damaged."""
+    """Read a checkpoint written by :func:`save_checkpoint` (or :func:`save_fp16_weights`).
+
+    Raises:
+        CheckpointError: ``path`` is missing, truncated, corrupted (a record fails its CRC-32
+            check) or not a capsnet checkpoint; the message says what to do.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+        raise CheckpointError(f"no checkpoint at {path}: check the path (a run folder holds checkpoint.pt)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every record and compares its CRC-32
+    except Exception as err:  # zipfile raises several types for a damaged archive
+        raise _damaged(path, f"{type(err).__name__}: {err}") from err
+    if bad is not None:
+        raise _damaged(path, f"record {bad!r} fails its CRC-32 check")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a damaged zip/pickle
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}). It may be truncated "
-            "or corrupted; restore it from a backup or start the run again without --resume."
-        ) from err
+        raise _damaged(path, f"{type(err).__name__}: {err}") from err
     if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not a capsnet checkpoint (no 'model' entry)")
+        raise CheckpointError(
+            f"{path} is not a capsnet checkpoint (a torch file without a 'model' entry): pass a "
+            "checkpoint.pt or weights-fp16.pt written by capsnet's training"
+        )
     return state
 
 
