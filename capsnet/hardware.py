@@ -63,7 +63,7 @@ def _cpu_name() -> str:
 
 
 def describe(device: torch.device | None = None) -> str:
-    """E.g. ``"CPU: AMD EPYC, 2 threads; torch 2.13.0"`` or ``"CUDA: NVIDIA T4; torch 2.5.1"``."""
+    """E.g. ``"CPU: AMD EPYC, 2 threads of 2 cores; torch 2.13.0"`` or ``"CUDA: NVIDIA T4; torch 2.5.1"``."""
     device = device or default_device()
     if device.type == "cuda":
         what = f"CUDA: {torch.cuda.get_device_name(device)}"

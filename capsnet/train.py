@@ -139,9 +139,18 @@ def fit(
         record: extra information for ``run.json`` and the checkpoint (e.g. the configuration
             needed to rebuild the model).
 
+    Returns:
+        One dict per epoch (also one line each of ``out_dir/metrics.jsonl``): ``epoch`` (1-based),
+        ``step`` (optimiser steps so far), ``lr`` (the rate the next step will use),
+        ``train_loss``, ``train_accuracy``, ``train_images_per_s``, ``seconds`` (the epoch's wall
+        time) and, with ``test``, ``test_loss``, ``test_accuracy`` and ``test_error`` (in %).
+
     Raises:
-        NonFiniteLossError: the loss became NaN or infinite; ``out_dir`` keeps the checkpoint of
-            the last completed epoch.
+        NonFiniteLossError: a training loss or, at the end of an epoch, a weight became NaN or
+            infinite; ``out_dir`` keeps the checkpoint of the last completed epoch, so no
+            checkpoint ever holds non-finite weights.
+        FileExistsError: ``out_dir`` already holds a checkpoint and ``resume`` is false.
+        ValueError: ``resume`` without ``out_dir``, ``epochs < 0`` or an unknown ``precision``.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -194,17 +203,13 @@ def fit(
             loss_sum += loss.detach().double() * len(y)
             correct += (scores.detach().argmax(dim=1) == y).sum()
             seen += len(y)
-            if i % 25 == 0 or i == len(train) - 1:
-                current = loss.item()
-                if not math.isfinite(current):
-                    raise NonFiniteLossError(
-                        f"the training loss became {current} at epoch {epoch + 1}, step {i + 1}. "
-                        "The last good checkpoint is kept"
-                        + (f" in {out}" if out else "")
-                        + ". Try a lower learning rate (--lr) or fp32 precision (--precision fp32)."
-                    )
-                bar.set_postfix(loss=f"{current:.4f}")
+            if i % 25 == 0 or i == len(train) - 1:  # the sum is non-finite if any loss so far was
+                if not math.isfinite(loss_sum.item()):
+                    raise _non_finite(f"the training loss became {loss_sum.item()}", epoch, i, out)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
         train_seconds = time.perf_counter() - started
+        if not all(bool(p.isfinite().all()) for p in model.parameters()):  # a last step's NaN gradient
+            raise _non_finite("the weights became non-finite", epoch, len(train) - 1, out)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": scheduler.last_epoch,
@@ -237,16 +242,28 @@ def fit(
                     "record": record,
                 },
             )
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            # rewritten whole from the checkpoint's history, so it always matches the checkpoint
+            _write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
             _write_json(out / "run.json", {**record, "wall_seconds": elapsed, "epochs_done": epoch + 1})
     return history
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def _non_finite(what: str, epoch: int, step: int, out: Path | None) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{what} in epoch {epoch + 1} (found at step {step + 1}). The last good checkpoint is kept"
+        + (f" in {out}" if out else "")
+        + ". Try a lower learning rate (--lr) or fp32 precision (--precision fp32)."
+    )
+
+
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 @dataclass(frozen=True)
@@ -342,6 +359,10 @@ def run(
     """
     commands = [command] if command else []
     if resume and out_dir is not None:
+        if not (Path(out_dir) / "run.json").is_file():
+            raise FileNotFoundError(
+                f"{out_dir} holds no run to resume (no run.json): start it without --resume"
+            )
         saved_record = json.loads((Path(out_dir) / "run.json").read_text())
         saved = saved_record["config"]
         config = replace(TrainConfig(**saved), epochs=config.epochs or saved["epochs"])

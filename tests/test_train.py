@@ -1,0 +1,480 @@
+"""The training engine: exact resume, the learning-rate schedule, non-finite losses, the run
+folder's files, evaluation, precision, exported float16 weights, and profiles.
+
+Everything trains tiny models on tiny random data for a handful of steps (one CPU thread: for
+models this small, thread hand-offs cost more than they save)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import capsnet
+import capsnet.train as train_module
+from capsnet.checkpoint import CheckpointError, load_checkpoint
+from capsnet.data import DataError, DeviceBatches, locate_file
+from capsnet.hardware import _cpu_has_bf16, autocast, describe, resolve_precision
+from capsnet.losses import margin_loss, reconstruction_loss
+from capsnet.profiles import PROFILES, get_profile
+from capsnet.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    evaluate,
+    export_weights,
+    fit,
+    load_trained,
+    make_data,
+)
+
+TINY_CAPSNET = {"conv_channels": 16, "primary_types": 4, "decoder_hidden": (32, 64)}
+TINY_BASELINE = {"channels": (4, 4, 4), "hidden": (8, 8)}
+BUILDERS = {
+    "capsnet": lambda: capsnet.CapsNet(**TINY_CAPSNET),
+    "baseline": lambda: capsnet.BaselineCNN(**TINY_BASELINE),
+}
+TIMING_KEYS = {"seconds", "train_images_per_s"}
+METRIC_KEYS = {
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "train_images_per_s",
+    "test_loss",
+    "test_accuracy",
+    "test_error",
+    "seconds",
+}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data(n: int = 48, batch: int = 16, seed: int = 0) -> tuple[DeviceBatches, DeviceBatches]:
+    """Random uint8 images: training batches shuffled and shifted as in real runs, test batches."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 28, 28), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    train = DeviceBatches(images, labels, batch, shuffle=True, max_shift=2, seed=seed)
+    return train, DeviceBatches(images[:20], labels[:20], 8)
+
+
+def _train(kind: str, out: Path | None, epochs: int, *, init_seed: int = 0, **kwargs):
+    """A fresh model (as a new process would build it) trained by :func:`fit`."""
+    torch.manual_seed(init_seed)
+    model = BUILDERS[kind]()
+    train, test = _data()
+    kwargs = {"precision": "fp32", "progress": False, **kwargs}
+    return model, fit(model, train, test, epochs=epochs, out_dir=out, **kwargs)
+
+
+def _without_timings(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in history]
+
+
+def _read_metrics(out: Path) -> list[dict]:
+    def reject(constant):  # NaN / Infinity are not JSON
+        raise ValueError(f"metrics.jsonl holds {constant}")
+
+    return [
+        json.loads(line, parse_constant=reject) for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+@pytest.mark.parametrize("kind", ["capsnet", "baseline"])
+def test_resume_is_exact(tmp_path, kind):
+    """4 epochs straight == 2 epochs, then a restart (new model with other initial weights, new
+    optimiser, other global RNG state) resumed up to 4: same weights, same metrics."""
+    straight, history = _train(kind, tmp_path / "straight", 4)
+    _train(kind, tmp_path / "resumed", 2)
+    resumed, resumed_history = _train(kind, tmp_path / "resumed", 4, init_seed=123, resume=True)
+    _assert_same_weights(straight, resumed)
+    assert [m["epoch"] for m in resumed_history] == [1, 2, 3, 4]
+    assert _without_timings(resumed_history) == _without_timings(history)
+    assert _without_timings(_read_metrics(tmp_path / "resumed")) == _without_timings(history)
+    run_record = json.loads((tmp_path / "resumed" / "run.json").read_text())
+    assert run_record["epochs_done"] == 4
+    assert run_record["wall_seconds"] == pytest.approx(sum(m["seconds"] for m in resumed_history))
+
+
+def test_resume_restores_the_random_state(tmp_path, monkeypatch):
+    """The baseline's dropout draws from the global RNG: without restoring it, the resumed run
+    differs. (Shows that test_resume_is_exact[baseline] can fail.)"""
+    straight, _ = _train("baseline", tmp_path / "straight", 2)
+    _train("baseline", tmp_path / "resumed", 1)
+    monkeypatch.setattr(train_module, "_set_rng_state", lambda state: None)
+    resumed, _ = _train("baseline", tmp_path / "resumed", 2, init_seed=123, resume=True)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters(), strict=True)
+    )
+
+
+def test_resume_to_the_same_epoch_count_trains_no_more(tmp_path):
+    model, history = _train("capsnet", tmp_path, 1)
+    again, again_history = _train("capsnet", tmp_path, 1, init_seed=5, resume=True)
+    _assert_same_weights(model, again)
+    assert again_history == history
+
+
+def test_existing_run_folder_needs_resume(tmp_path):
+    _train("baseline", tmp_path, 1)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        _train("baseline", tmp_path, 2)
+    assert len(_read_metrics(tmp_path)) == 1  # untouched
+
+
+def test_resume_needs_a_run(tmp_path):
+    with pytest.raises(ValueError, match="needs out_dir"):
+        _train("baseline", None, 1, resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        _train("baseline", tmp_path / "empty", 1, resume=True)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="epochs must be >= 0"):
+        _train("baseline", None, -1)
+    with pytest.raises(ValueError, match="fp32"):
+        _train("baseline", None, 1, precision="fp64")
+
+
+# ----------------------------------------------------------------------------- learning rate
+
+
+def test_learning_rate_schedule(monkeypatch):
+    """Step s (0-based) uses lr * decay ** (s / decay_steps), the paper's smooth exponential decay."""
+    used = []
+    adam_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    _, history = _train("baseline", None, 2, decay_steps=2)  # 3 steps per epoch
+    assert len(used) == 6
+    for s, lr in enumerate(used):
+        assert lr == pytest.approx(1e-3 * 0.96 ** (s / 2), rel=1e-12)
+    for metrics in history:  # the rate the next step will use
+        assert metrics["lr"] == pytest.approx(1e-3 * 0.96 ** (metrics["step"] / 2), rel=1e-12)
+    assert [m["step"] for m in history] == [3, 6]
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+
+
+def _loss_patch(monkeypatch, at_step: int, make_bad):
+    """Replace the training loss at (1-based) training step ``at_step`` by ``make_bad(loss, model)``."""
+    real = train_module._batch_loss
+    steps = [0]
+
+    def patched(model, x, y, recon_weight, train):
+        loss, scores = real(model, x, y, recon_weight, train)
+        if train:
+            steps[0] += 1
+            if steps[0] == at_step:
+                loss = make_bad(loss, model)
+        return loss, scores
+
+    monkeypatch.setattr(train_module, "_batch_loss", patched)
+
+
+def _assert_good_checkpoint_of_epoch_1(out: Path) -> None:
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(v.isfinite().all() for v in state["model"].values())
+    assert len(_read_metrics(out)) == 1
+    assert json.loads((out / "run.json").read_text())["epochs_done"] == 1
+
+
+NAN_CASES = {
+    # NaN loss and NaN gradients: the weights become NaN from then on
+    "nan-weights": (5, lambda loss, model: loss * float("nan")),
+    # a NaN loss whose gradient is finite: training could carry on, but the loss is not a number
+    "nan-value": (5, lambda loss, model: loss + float("nan")),
+    # an infinite loss value
+    "inf-value": (5, lambda loss, model: loss + float("inf")),
+    # a finite loss with NaN gradients at the last step of epoch 2 (sqrt'(0) * 0 = inf * 0)
+    "nan-gradient": (
+        6,
+        lambda loss, model: loss + torch.sqrt(0.0 * sum(p.sum() for p in model.parameters())),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NAN_CASES)
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, case):
+    """3 steps per epoch; the bad step is in epoch 2. Error, and epoch 1's checkpoint is intact
+    and resumable."""
+    at_step, make_bad = NAN_CASES[case]
+    _loss_patch(monkeypatch, at_step, make_bad)
+    with pytest.raises(NonFiniteLossError, match="in epoch 2") as info:
+        _train("capsnet", tmp_path, 3)
+    message = str(info.value)
+    assert str(tmp_path) in message and "--lr" in message  # where the good checkpoint is, what to try
+    _assert_good_checkpoint_of_epoch_1(tmp_path)
+    monkeypatch.undo()
+    _, history = _train("capsnet", tmp_path, 2, resume=True)
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert all(math.isfinite(m["train_loss"]) for m in history)
+
+
+def test_non_finite_loss_in_the_first_epoch_writes_nothing(tmp_path, monkeypatch):
+    _loss_patch(monkeypatch, 2, NAN_CASES["nan-weights"][1])
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan in epoch 1"):
+        _train("capsnet", tmp_path, 2)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_divergence_with_a_huge_learning_rate(tmp_path):
+    """A real divergence, no patching: the baseline CNN with lr = 1e10 (CapsNet's lengths are
+    bounded by the squash, so it does not reach NaN this way)."""
+    with pytest.raises(NonFiniteLossError, match="loss became nan in epoch 1.*Try a lower learning rate"):
+        _train("baseline", tmp_path, 3, lr=1e10)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+def test_metrics_and_run_record(tmp_path):
+    record = {"config": {"note": "anything the caller wants kept"}, "model_kwargs": TINY_CAPSNET}
+    _, history = _train("capsnet", tmp_path, 2, record=record)
+    lines = _read_metrics(tmp_path)
+    assert lines == history
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert [m["step"] for m in lines] == [3, 6]  # 48 images, batches of 16
+    for m in lines:
+        assert set(m) == METRIC_KEYS
+        assert 0 <= m["train_accuracy"] <= 1 and 0 <= m["test_accuracy"] <= 1
+        assert m["test_error"] == pytest.approx(100 * (1 - m["test_accuracy"]))
+        assert m["seconds"] > 0 and m["train_images_per_s"] > 0
+    run_record = json.loads((tmp_path / "run.json").read_text())
+    assert run_record["config"] == record["config"]
+    assert run_record["model_kwargs"] == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in TINY_CAPSNET.items()
+    }
+    assert run_record["hardware"] == describe(CPU)
+    assert run_record["precision"] == "fp32"
+    assert run_record["epochs"] == run_record["epochs_done"] == 2
+    assert run_record["wall_seconds"] == pytest.approx(sum(m["seconds"] for m in lines))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "run.json"]
+
+
+def test_without_test_batches_or_folder():
+    torch.manual_seed(0)
+    model = BUILDERS["capsnet"]()
+    history = fit(model, _data()[0], epochs=1, precision="fp32", progress=False)
+    assert set(history[0]) == {k for k in METRIC_KEYS if not k.startswith("test_")}
+
+
+def test_progress_output(capsys):
+    _train("baseline", None, 1, progress=True)
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shown["epoch"] == 1 and set(shown) == METRIC_KEYS
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@pytest.mark.parametrize("kind", ["capsnet", "baseline"])
+def test_evaluate_matches_a_hand_count(kind):
+    """20 images in batches of 7, 7 and 6; labels chosen so that exactly 5 predictions are right."""
+    torch.manual_seed(0)
+    model = BUILDERS[kind]()
+    images = torch.randint(
+        0, 256, (20, 1, 28, 28), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+    )
+    x = images.float() / 255
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    scores = out.lengths if kind == "capsnet" else out
+    predicted = scores.argmax(dim=1)
+    labels = torch.where(torch.arange(20) < 5, predicted, (predicted + 1) % 10)
+    with torch.no_grad():
+        if kind == "capsnet":
+            expected_loss = margin_loss(out.lengths, labels) + 5e-4 * reconstruction_loss(
+                out.reconstructions, x
+            )
+        else:
+            expected_loss = torch.nn.functional.cross_entropy(out, labels)
+    model.train()
+    result = evaluate(model, DeviceBatches(images, labels, 7), precision="fp32")
+    assert result["accuracy"] == 5 / 20
+    assert result["error"] == pytest.approx(75.0)
+    assert result["loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
+    assert model.training  # evaluate puts the model back in the mode it found it in
+
+
+def test_evaluate_in_auto_precision():
+    torch.manual_seed(0)
+    model = BUILDERS["capsnet"]()
+    _, test = _data()
+    fp32 = evaluate(model, test, precision="fp32")
+    auto = evaluate(model, test, precision="auto")
+    assert 0 <= auto["accuracy"] <= 1
+    assert auto["loss"] == pytest.approx(fp32["loss"], rel=0.05)  # bf16 rounding at most
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def test_auto_precision_on_the_cpu():
+    resolved = resolve_precision("auto", CPU)
+    assert resolved == ("bf16" if _cpu_has_bf16() else "fp32")
+    flags = _cpuinfo_flags()
+    if flags is not None and {"avx512_bf16", "amx_bf16"} & flags:
+        assert resolved == "bf16"  # a CPU with bf16 instructions gets bf16
+    if resolved == "bf16":
+        with autocast(resolved, CPU):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert resolve_precision("fp32", CPU) == "fp32"
+    assert resolve_precision("bf16", CPU) == "bf16"
+    with autocast("fp32", CPU):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_bad_precisions():
+    with pytest.raises(ValueError, match="fp16 autocast is for CUDA"):
+        resolve_precision("fp16", CPU)
+    with pytest.raises(ValueError, match="auto, fp32, bf16, fp16.*'half'"):
+        resolve_precision("half", CPU)
+    torch.manual_seed(0)
+    model = BUILDERS["baseline"]()
+    with pytest.raises(ValueError, match="fp16"):
+        evaluate(model, _data()[1], precision="fp16")
+    with pytest.raises(ValueError, match="fp16"):
+        fit(model, _data()[0], epochs=1, precision="fp16", progress=False)
+
+
+# ----------------------------------------------------------------------------- exported weights
+
+
+@pytest.fixture
+def mnist_root():
+    try:
+        for file in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+            locate_file("mnist", file, download=False)
+    except DataError:
+        pytest.skip("MNIST is not available offline (set CAPSNET_DATA)")
+
+
+def test_export_weights_and_load_trained(tmp_path, mnist_root):
+    config = TrainConfig(
+        profile="smoke", train_size=64, test_size=64, batch_size=32, precision="fp32"
+    ).resolved()
+    train, test = make_data(config, CPU)
+    torch.manual_seed(0)
+    model = capsnet.CapsNet(**TINY_CAPSNET, **config.model_kwargs())
+    record = {"config": asdict(config), "model_kwargs": {**config.model_kwargs(), **TINY_CAPSNET}}
+    fit(model, train, test, epochs=1, precision="fp32", out_dir=tmp_path, record=record, progress=False)
+
+    final = export_weights(tmp_path)
+    run_record = json.loads((tmp_path / "run.json").read_text())
+    assert run_record["final"] == final
+    assert final["epoch"] == 1 and final["test_images"] == 64 and final["weights"] == "weights-fp16.pt"
+    assert run_record["config"] == json.loads(json.dumps(asdict(config)))  # the rest is kept
+
+    fp32_file = tmp_path / "fp32.pt"
+    torch.save(model.state_dict(), fp32_file)
+    ratio = (tmp_path / "weights-fp16.pt").stat().st_size / fp32_file.stat().st_size
+    assert 0.45 < ratio < 0.6, ratio
+
+    from_checkpoint, _ = load_trained(tmp_path / "checkpoint.pt", "cpu")
+    _assert_same_weights(from_checkpoint, model)
+    loaded, loaded_record = load_trained(tmp_path / "weights-fp16.pt", "cpu")
+    assert not loaded.training
+    assert loaded_record["config"] == run_record["config"]
+    for (name, value), trained in zip(loaded.state_dict().items(), model.state_dict().values(), strict=True):
+        assert value.dtype == torch.float32, name
+        assert torch.equal(value, trained.half().float()), name
+    again = evaluate(loaded, make_data(config, CPU)[1], precision="fp32", recon_weight=config.recon_weight)
+    assert again["accuracy"] == final["accuracy"]
+    assert again["loss"] == pytest.approx(final["loss"], rel=1e-12)
+
+
+def test_load_trained_needs_a_run_configuration(tmp_path):
+    _train("baseline", tmp_path, 1)  # no record: fit alone does not know how to rebuild the model
+    with pytest.raises(ValueError, match="no run configuration"):
+        load_trained(tmp_path / "checkpoint.pt", "cpu")
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+def test_get_profile_by_name_and_environment(monkeypatch):
+    assert get_profile("smoke") is PROFILES["smoke"]
+    assert get_profile("smoke").train_size == 512
+    monkeypatch.setenv("CAPSNET_PROFILE", "paper")
+    assert get_profile().name == "paper"
+    assert get_profile("cpu").name == "cpu"  # a name beats the environment
+    monkeypatch.delenv("CAPSNET_PROFILE")
+    assert get_profile().name == ("paper" if torch.cuda.is_available() else "cpu")
+
+
+def test_unknown_profile(monkeypatch):
+    with pytest.raises(ValueError, match="'tiny'.*smoke, cpu, paper"):
+        get_profile("tiny")
+    monkeypatch.setenv("CAPSNET_PROFILE", "gpu")
+    with pytest.raises(ValueError, match="'gpu'.*smoke, cpu, paper.*CAPSNET_PROFILE"):
+        get_profile()
+
+
+def test_train_config_takes_sizes_from_the_profile(monkeypatch):
+    smoke = TrainConfig(profile="smoke").resolved()
+    assert (smoke.profile, smoke.epochs, smoke.batch_size, smoke.train_size, smoke.test_size) == (
+        "smoke",
+        1,
+        64,
+        512,
+        256,
+    )
+    paper = TrainConfig(profile="paper").resolved()
+    assert (paper.epochs, paper.batch_size, paper.train_size, paper.test_size) == (50, 128, 0, 0)  # 0 = all
+    mine = TrainConfig(profile="smoke", epochs=3, batch_size=8, train_size=0, test_size=10).resolved()
+    assert (mine.epochs, mine.batch_size, mine.train_size, mine.test_size) == (3, 8, 0, 10)
+    assert TrainConfig(profile="paper", epochs=0).resolved().epochs == 0
+    monkeypatch.setenv("CAPSNET_PROFILE", "cpu")
+    from_env = TrainConfig().resolved()
+    assert (from_env.profile, from_env.train_size, from_env.epochs) == ("cpu", 12_000, 2)
+    assert from_env.resolved() == from_env
+    with pytest.raises(ValueError, match="unknown profile"):
+        TrainConfig(profile="huge").resolved()
+
+
+def test_train_config_model_kwargs():
+    config = TrainConfig(routing_iterations=1, coupling="uniform", decoder=False)
+    model = capsnet.CapsNet(**TINY_CAPSNET, **config.model_kwargs())
+    assert model.decoder is None
+    assert TrainConfig(model="baseline").model_kwargs() == {}
