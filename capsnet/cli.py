@@ -63,7 +63,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.full_test_set:
         config = TrainConfig(**{**record["config"], "test_size": 0})
     _, test = make_data(config, next(model.parameters()).device, args.data)
-    result = evaluate(model, test, precision=args.precision, progress=not args.quiet)
+    result = evaluate(
+        model, test, precision=args.precision, recon_weight=config.recon_weight, progress=not args.quiet
+    )
     result["test_images"] = len(test.labels)
     print(json.dumps(result, indent=2))
     return 0
@@ -167,5 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run the command in ``argv`` (default ``sys.argv[1:]``); returns the exit status. Errors the
+    user can act on (a taken run folder, a damaged checkpoint, missing data, a diverging run) are
+    printed as one line, without a traceback, with exit status 1."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .train import NonFiniteLossError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, DataError, NonFiniteLossError, FileExistsError, FileNotFoundError) as err:
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
+        return 1
