@@ -70,7 +70,8 @@ class RoutingCapsules(nn.Module):
 
     Each input capsule ``i`` predicts each output capsule ``j`` through its own transformation
     matrix: ``u_hat_j|i = W_ij u_i`` (Eq. 2). One ``W`` is shared by all examples: the
-    predictions come from a single einsum, never from a per-example copy of ``W``.
+    predictions come from a single einsum, never from a per-example copy of ``W``. They are
+    stored parents first, the order in which :func:`capsnet.dynamic_routing` reads them.
 
     Shapes: ``(batch, in_caps, in_dim) -> v (batch, out_caps, out_dim), c (batch, in_caps, out_caps)``.
     Parameters: ``in_caps * out_caps * out_dim * in_dim`` (1152 x 10 x 16 x 8 = 1,474,560 in
@@ -102,13 +103,19 @@ class RoutingCapsules(nn.Module):
         self.weight = nn.Parameter(init_std * torch.randn(in_caps, out_caps, out_dim, in_dim))
 
     def predictions(self, u: torch.Tensor) -> torch.Tensor:
-        """``u_hat_j|i = W_ij u_i``: ``(batch, in_caps, in_dim) -> (batch, in_caps, out_caps, out_dim)``."""
+        """``u_hat_j|i = W_ij u_i``: ``(batch, in_caps, in_dim) -> (batch, in_caps, out_caps, out_dim)``.
+
+        The result is a transposed view of a contiguous ``(batch, out_caps, in_caps, out_dim)``
+        tensor: routing sums over the children of one parent at a time, so it reads each
+        parent's predictions as one block of memory.
+        """
         if u.dim() != 3 or u.shape[1:] != (self.in_caps, self.in_dim):
             raise ValueError(
                 f"expected input capsules of shape (batch, {self.in_caps}, {self.in_dim}), "
                 f"got {tuple(u.shape)}"
             )
-        return torch.einsum("ijdk,bik->bijd", self.weight.to(u.dtype), u)
+        parents_first = torch.einsum("ijdk,bik->bjid", self.weight.to(u.dtype), u).contiguous()
+        return parents_first.transpose(1, 2)
 
     def forward(
         self, u: torch.Tensor, generator: torch.Generator | None = None

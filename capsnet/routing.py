@@ -14,6 +14,12 @@ child's prediction get a larger share of it on the next iteration.
 With ``b = 0`` the first iteration gives uniform couplings ``c_ij = 1 / n_parents``, so one
 iteration means "no routing at all". A loop-based version that reads like the pseudo-code is in
 :mod:`capsnet.routing_reference`; the tests check that both agree.
+
+The sums over children are computed parents first: predictions as ``(batch, out_caps, in_caps,
+out_dim)`` and logits as ``(batch, out_caps, in_caps)``, so that each parent's weighted sum and
+agreements are one matrix-vector product over a contiguous ``(in_caps, out_dim)`` block and the
+softmax over the parents runs along a long axis. :meth:`capsnet.RoutingCapsules.predictions`
+stores its predictions in that order, which makes the transpose below free.
 """
 
 from __future__ import annotations
@@ -64,6 +70,24 @@ def fixed_couplings(
     raise ValueError(f"fixed coupling mode must be 'uniform' or 'random', got {mode!r}")
 
 
+def _weighted_sum(c: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
+    """``s_j = sum_i c_ij u_hat_j|i`` (Eq. 2), parents first.
+
+    ``c (batch, out_caps, in_caps)`` and ``u_hat (batch, out_caps, in_caps, out_dim)`` ->
+    ``s (batch, out_caps, out_dim)``.
+    """
+    return (c.unsqueeze(2) @ u_hat).squeeze(2)
+
+
+def _agreement(u_hat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``u_hat_j|i . v_j``, parents first.
+
+    ``u_hat (batch, out_caps, in_caps, out_dim)`` and ``v (batch, out_caps, out_dim)`` ->
+    ``(batch, out_caps, in_caps)``.
+    """
+    return (u_hat @ v.unsqueeze(-1)).squeeze(-1)
+
+
 def dynamic_routing(
     u_hat: torch.Tensor,
     iterations: int = 3,
@@ -100,18 +124,18 @@ def dynamic_routing(
         raise ValueError(f"gradient must be 'last' or 'all', got {gradient!r}")
     if coupling not in ("dynamic", "uniform", "random"):
         raise ValueError(f"coupling must be 'dynamic', 'uniform' or 'random', got {coupling!r}")
+    u_parents = u_hat.transpose(1, 2)  # (batch, out_caps, in_caps, out_dim)
     if coupling != "dynamic":
         c = fixed_couplings(u_hat, coupling, generator)
-        return squash(torch.einsum("bij,bijd->bjd", c, u_hat)), c
+        return squash(_weighted_sum(c.transpose(1, 2), u_parents)), c
 
     # Predictions used to compute agreement: detached unless gradients flow through all steps.
-    u_route = u_hat if gradient == "all" else u_hat.detach()
-    b = u_hat.new_zeros(u_hat.shape[:3])  # (batch, in_caps, out_caps): per-example logits
+    u_route = u_parents if gradient == "all" else u_parents.detach()
+    b = u_hat.new_zeros(u_parents.shape[:3])  # (batch, out_caps, in_caps): per-example logits
     for r in range(iterations):
-        c = b.softmax(dim=-1)  # Eq. 3, over the parents
+        c = b.softmax(dim=1)  # Eq. 3, over the parents
         last = r == iterations - 1
-        s = torch.einsum("bij,bijd->bjd", c, u_hat if last else u_route)  # Eq. 2
-        v = squash(s)  # Eq. 1
+        v = squash(_weighted_sum(c, u_parents if last else u_route))  # Eq. 2, Eq. 1
         if not last:
-            b = b + torch.einsum("bijd,bjd->bij", u_route, v)  # agreement
-    return v, c
+            b = b + _agreement(u_route, v)
+    return v, c.transpose(1, 2)
