@@ -47,7 +47,7 @@ def test_bench_writes_json_with_the_documented_keys(monkeypatch, tmp_path, capsy
     path = tmp_path / "bench.json"
     args = argparse.Namespace(batch_size=2, steps=2, device="cpu", json=str(path))
     assert bench.main(args) == 0
-    record = json.loads(path.read_text())
+    record = json.loads(path.read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN or Infinity
     assert set(record) == {
         "device",
         "hardware",
