@@ -1,7 +1,8 @@
 """capsnet: capsule networks with dynamic routing (Sabour, Frosst & Hinton 2017) in PyTorch.
 
 Layers, bottom up: ``squashing`` and ``losses`` (tensor functions) -> ``routing`` ->
-``layers`` -> ``models``. ``data`` stands apart and knows nothing of models.
+``layers`` -> ``models`` -> ``train``, ``bench``, ``reference``, ``plotting`` -> ``cli``.
+``data`` (and the toy ``faces``) stand apart and know nothing of models.
 """
 
 from .layers import PrimaryCapsules, RoutingCapsules
@@ -9,6 +10,7 @@ from .losses import margin_loss, reconstruction_loss
 from .models import BaselineCNN, CapsNet, CapsNetOutput, Decoder
 from .plotting import use_book_style
 from .profiles import Profile, get_profile
+from .reference import load_reference
 from .routing import dynamic_routing, fixed_couplings
 from .routing_reference import dynamic_routing_reference
 from .squashing import capsule_length, squash
@@ -28,6 +30,7 @@ __all__ = [
     "dynamic_routing_reference",
     "fixed_couplings",
     "get_profile",
+    "load_reference",
     "margin_loss",
     "reconstruction_loss",
     "squash",

@@ -3,7 +3,16 @@ random shifts, and the data sets built from MNIST digits (translated, affNIST-st
 This package stands apart: it knows nothing of models."""
 
 from .batches import DeviceBatches, random_shift
-from .datasets import DATASETS, DataError, Split, cache_dir, load_dataset, locate_file
+from .datasets import (
+    DATASETS,
+    DataError,
+    DownloadError,
+    Split,
+    cache_dir,
+    download_file,
+    load_dataset,
+    locate_file,
+)
 from .idx import IDXError, read_idx, write_idx
 from .synthetic import AffineTransforms, MultiMNIST, affnist_style, multi_mnist, translated_mnist
 
@@ -12,11 +21,13 @@ __all__ = [
     "DATASETS",
     "DataError",
     "DeviceBatches",
+    "DownloadError",
     "IDXError",
     "MultiMNIST",
     "Split",
     "affnist_style",
     "cache_dir",
+    "download_file",
     "load_dataset",
     "locate_file",
     "multi_mnist",

@@ -28,7 +28,16 @@ import torch
 
 from .idx import IDXError, parse_idx
 
-__all__ = ["DATASETS", "DataError", "Split", "cache_dir", "load_dataset", "locate_file"]
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DownloadError",
+    "Split",
+    "cache_dir",
+    "download_file",
+    "load_dataset",
+    "locate_file",
+]
 
 
 class DataError(RuntimeError):
@@ -131,31 +140,47 @@ def _read_verified(path: Path, name: str, file: str) -> bytes:
     return raw
 
 
-def _download(name: str, file: str, target: Path, progress: bool) -> None:
-    """Fetch ``file.gz`` from the data set's mirrors into ``target`` (atomically)."""
+class DownloadError(DataError):
+    """None of the given addresses could be fetched; the message lists each one's error."""
+
+
+def download_file(urls: list[str], target: Path, progress: bool = True) -> Path:
+    """Fetch the first of ``urls`` that answers into ``target``, with a progress bar.
+
+    The bytes go to ``target.part`` first and are renamed to ``target`` only when complete, so an
+    interrupted download never leaves a file that looks finished.
+    """
     from tqdm.auto import tqdm
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
     errors = []
-    for mirror in DATASETS[name].mirrors:
-        url = f"{mirror}{file}.gz"
-        partial = target.with_name(target.name + ".part")
+    for url in urls:
         try:
             with urllib.request.urlopen(url, timeout=30) as response, partial.open("wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=file, disable=not progress) as bar:
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress)
+                with bar:
                     while chunk := response.read(1 << 16):
                         out.write(chunk)
                         bar.update(len(chunk))
             partial.replace(target)
-            return
+            return target
         except (OSError, http.client.HTTPException) as err:  # URLError is an OSError
             errors.append(f"{url}: {err}")
             partial.unlink(missing_ok=True)
-    raise DataError(
-        f"could not download {name}/{file}.gz ({'; '.join(errors)}). "
-        + _HELP.format(name=name, file=file, cache=cache_dir())
-    )
+    raise DownloadError("; ".join(errors))
+
+
+def _download(name: str, file: str, target: Path, progress: bool) -> None:
+    """Fetch ``file.gz`` of data set ``name`` from its mirrors into ``target``."""
+    try:
+        download_file([f"{mirror}{file}.gz" for mirror in DATASETS[name].mirrors], target, progress)
+    except DownloadError as err:
+        raise DataError(
+            f"could not download {name}/{file}.gz ({err}). "
+            + _HELP.format(name=name, file=file, cache=cache_dir())
+        ) from err
 
 
 def _locate(

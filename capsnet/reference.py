@@ -1,0 +1,70 @@
+"""The book's reference runs: models trained once with ``python -m capsnet train`` and recorded
+under ``runs/`` (command, hardware, wall time, per-epoch metrics, final test accuracy, float16
+weights). Chapters load them instead of training for hours.
+
+In a checkout of the book's repository the files are read from ``runs/``; where the package was
+installed without the repository (Colab) they are downloaded once into the user cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import DownloadError, cache_dir, download_file
+from .train import load_trained
+
+__all__ = ["REFERENCE_RUNS", "RUNS_URL", "load_reference", "reference_record"]
+
+RUNS_URL = "https://raw.githubusercontent.com/capsnet-book/capsnet-book/main/runs/"
+REFERENCE_RUNS = ("mnist-reference",)
+_FILES = ("run.json", "metrics.jsonl", "weights-fp16.pt")
+
+
+def _run_dir(name: str, download: bool) -> Path:
+    if name not in REFERENCE_RUNS:
+        raise ValueError(f"unknown reference run {name!r}: choose one of {', '.join(REFERENCE_RUNS)}")
+    checkout = Path(__file__).resolve().parent.parent / "runs" / name
+    if all((checkout / f).is_file() for f in _FILES):
+        return checkout
+    cached = cache_dir() / "runs" / name
+    for file in _FILES:
+        if (cached / file).is_file():
+            continue
+        if not download:
+            raise FileNotFoundError(f"reference run {name} is neither in {checkout} nor in {cached}")
+        try:
+            download_file([f"{RUNS_URL}{name}/{file}"], cached / file)
+        except DownloadError as err:
+            raise FileNotFoundError(
+                f"reference run {name}: {file} is not in {checkout} and could not be downloaded ({err}). "
+                "Run the chapter from a checkout of the book's repository, or connect to the internet."
+            ) from err
+    return cached
+
+
+def reference_record(name: str = "mnist-reference", download: bool = True) -> dict[str, Any]:
+    """The run's ``run.json`` (commands, configuration, hardware, wall time, ``final`` test result)
+    with its per-epoch metrics added under ``"metrics"``."""
+    folder = _run_dir(name, download)
+    record = json.loads((folder / "run.json").read_text())
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    record["metrics"] = [json.loads(line) for line in lines if line.strip()]
+    return record
+
+
+def load_reference(
+    name: str = "mnist-reference", device: torch.device | str | None = None, download: bool = True
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The reference model (float32, eval mode, on ``device``) and its record.
+
+    >>> model, record = load_reference()  # doctest: +SKIP
+    >>> record["final"]["accuracy"]        # doctest: +SKIP
+    """
+    folder = _run_dir(name, download)
+    model, _ = load_trained(folder / "weights-fp16.pt", device)
+    return model, reference_record(name, download)
