@@ -48,7 +48,7 @@ from torch import nn
 from .hardware import autocast, default_device, describe, resolve_precision
 from .layers import conv_output_size
 from .models import CapsNet
-from .train import _batch_loss
+from .train import batch_loss
 
 __all__ = ["benchmark", "flops_per_image", "format_table", "main", "matmul_gflops"]
 
@@ -166,7 +166,7 @@ def _training_step(
 
     def step() -> None:
         with autocast(precision, device):
-            loss, _ = _batch_loss(model, x, y, RECON_WEIGHT, train=True)
+            loss, _ = batch_loss(model, x, y, RECON_WEIGHT, train=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

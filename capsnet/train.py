@@ -34,6 +34,7 @@ from .profiles import get_profile
 __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
+    "batch_loss",
     "evaluate",
     "export_weights",
     "fit",
@@ -47,7 +48,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _batch_loss(
+def batch_loss(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, recon_weight: float, train: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and class scores of one batch. CapsNet: margin + recon_weight x reconstruction error
@@ -82,7 +83,7 @@ def evaluate(
     n = 0
     for x, y in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
         with autocast(precision, device):
-            loss, scores = _batch_loss(model, x, y, recon_weight, train=False)
+            loss, scores = batch_loss(model, x, y, recon_weight, train=False)
         total_loss += loss.double() * len(y)
         correct += (scores.argmax(dim=1) == y).sum()
         n += len(y)
@@ -194,7 +195,7 @@ def fit(
         bar = tqdm(train, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
         for i, (x, y) in enumerate(bar):
             with autocast(precision, device):
-                loss, scores = _batch_loss(model, x, y, recon_weight, train=True)
+                loss, scores = batch_loss(model, x, y, recon_weight, train=True)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -185,7 +185,7 @@ def test_learning_rate_schedule(monkeypatch):
 
 def _loss_patch(monkeypatch, at_step: int, make_bad):
     """Replace the training loss at (1-based) training step ``at_step`` by ``make_bad(loss, model)``."""
-    real = train_module._batch_loss
+    real = train_module.batch_loss
     steps = [0]
 
     def patched(model, x, y, recon_weight, train):
@@ -196,7 +196,7 @@ def _loss_patch(monkeypatch, at_step: int, make_bad):
                 loss = make_bad(loss, model)
         return loss, scores
 
-    monkeypatch.setattr(train_module, "_batch_loss", patched)
+    monkeypatch.setattr(train_module, "batch_loss", patched)
 
 
 def _assert_good_checkpoint_of_epoch_1(out: Path) -> None:
