@@ -3,10 +3,20 @@
 Layers, bottom up: ``squashing`` and ``losses`` (tensor functions) -> ``routing`` ->
 ``layers`` -> ``models`` -> ``train``, ``bench``, ``reference``, ``plotting`` -> ``cli``.
 ``data`` (and the toy ``faces``) stand apart and know nothing of models.
+Matrix capsules (Hinton, Sabour & Frosst 2018): ``em_routing`` sits beside ``routing``,
+``matrix_capsules`` (layers and model) beside ``models``.
 """
 
+from .em_routing import EMRoutingOutput, em_routing, em_routing_reference, inverse_temperatures
 from .layers import PrimaryCapsules, RoutingCapsules
-from .losses import margin_loss, reconstruction_loss
+from .losses import margin_loss, reconstruction_loss, spread_loss, spread_loss_margin
+from .matrix_capsules import (
+    ClassMatrixCapsules,
+    ConvMatrixCapsules,
+    MatrixCapsNet,
+    MatrixCapsNetOutput,
+    PrimaryMatrixCapsules,
+)
 from .models import BaselineCNN, CapsNet, CapsNetOutput, Decoder
 from .plotting import use_book_style
 from .profiles import Profile, get_profile
@@ -21,18 +31,29 @@ __all__ = [
     "BaselineCNN",
     "CapsNet",
     "CapsNetOutput",
+    "ClassMatrixCapsules",
+    "ConvMatrixCapsules",
     "Decoder",
+    "EMRoutingOutput",
+    "MatrixCapsNet",
+    "MatrixCapsNetOutput",
     "PrimaryCapsules",
+    "PrimaryMatrixCapsules",
     "Profile",
     "RoutingCapsules",
     "capsule_length",
     "dynamic_routing",
     "dynamic_routing_reference",
+    "em_routing",
+    "em_routing_reference",
     "fixed_couplings",
     "get_profile",
+    "inverse_temperatures",
     "load_reference",
     "margin_loss",
     "reconstruction_loss",
+    "spread_loss",
+    "spread_loss_margin",
     "squash",
     "use_book_style",
 ]

@@ -1,10 +1,11 @@
-"""Losses of Sabour et al. 2017: the margin loss (Eq. 4) and the reconstruction loss."""
+"""Losses of Sabour et al. 2017: the margin loss (Eq. 4) and the reconstruction loss; and the spread
+loss of Hinton, Sabour & Frosst 2018 (matrix capsules)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["margin_loss", "reconstruction_loss", "as_target_mask"]
+__all__ = ["margin_loss", "reconstruction_loss", "as_target_mask", "spread_loss", "spread_loss_margin"]
 
 
 def as_target_mask(target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -83,3 +84,51 @@ def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> 
             f"{tuple(flat_images.shape)}"
         )
     return (flat_recon - flat_images.to(flat_recon.dtype)).square().sum(dim=1).mean()
+
+
+def spread_loss(activations: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
+    """Spread loss of Hinton, Sabour & Frosst 2018 (Sec. 3.1), summed over classes, mean over the batch.
+
+    ``L = sum_{i != t} max(0, m - (a_t - a_i))^2``: every wrong class ``i`` whose activation comes
+    within ``m`` of the target's ``a_t`` is penalised by the squared shortfall. The paper starts
+    with ``m = 0.2`` and raises it to 0.9 during training (:func:`spread_loss_margin`), which
+    keeps capsules in the early layers from dying.
+
+    Args:
+        activations: class capsule activations ``a``, shape ``(batch, num_classes)``.
+        target: class indices ``t``, shape ``(batch,)``, one class per example.
+        margin: ``m``, a number in ``[0, 1]``.
+
+    Returns:
+        A scalar tensor.
+    """
+    if not isinstance(activations, torch.Tensor) or not activations.is_floating_point():
+        raise TypeError(f"activations must be a floating point torch.Tensor, got {activations!r:.80}")
+    if activations.dim() != 2:
+        raise ValueError(f"activations must have shape (batch, num_classes), got {tuple(activations.shape)}")
+    if not isinstance(target, torch.Tensor) or target.dim() != 1:
+        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target must be class indices of shape (batch,), got {shape}")
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin <= 1:
+        raise ValueError(f"margin must be a number in [0, 1], got {margin!r}")
+    wrong = 1.0 - as_target_mask(target, activations.shape[1]).to(activations.dtype)
+    if wrong.shape[0] != activations.shape[0]:
+        raise ValueError(f"target has {wrong.shape[0]} examples but activations has {activations.shape[0]}")
+    a_target = activations.gather(1, target.long().unsqueeze(1))  # (batch, 1)
+    shortfall = (margin - (a_target - activations)).clamp_min(0).square()
+    return (wrong * shortfall).sum(dim=1).mean()
+
+
+def spread_loss_margin(step: int, ramp_steps: int, start: float = 0.2, end: float = 0.9) -> float:
+    """The spread loss's margin schedule: ``start`` at step 0, rising linearly to ``end`` at
+    ``ramp_steps`` and staying there.
+
+    The paper raises ``m`` from 0.2 to 0.9; counting epochs with ``ramp_steps=7`` gives its
+    0.1 per epoch. ``step`` and ``ramp_steps`` may count batches or epochs alike.
+    """
+    for name, value in (("step", step), ("ramp_steps", ramp_steps)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if step < 0 or ramp_steps < 1:
+        raise ValueError(f"need step >= 0 and ramp_steps >= 1, got step={step}, ramp_steps={ramp_steps}")
+    return start + (end - start) * min(step, ramp_steps) / ramp_steps
