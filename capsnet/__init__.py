@@ -3,11 +3,10 @@
 Layers, bottom up: ``squashing`` and ``losses`` (tensor functions) -> ``routing`` ->
 ``layers`` -> ``models`` -> ``train``, ``bench``, ``reference``, ``plotting`` -> ``cli``.
 ``data`` (and the toy ``faces``) stand apart and know nothing of models.
-Matrix capsules (Hinton, Sabour & Frosst 2018): ``em_routing`` sits beside ``routing``,
+Matrix capsules (Hinton, Sabour & Frosst 2018): ``routing_em`` sits beside ``routing``,
 ``matrix_capsules`` (layers and model) beside ``models``.
 """
 
-from .em_routing import EMRoutingOutput, em_routing, em_routing_reference, inverse_temperatures
 from .layers import PrimaryCapsules, RoutingCapsules
 from .losses import margin_loss, reconstruction_loss, spread_loss, spread_loss_margin
 from .matrix_capsules import (
@@ -22,6 +21,7 @@ from .plotting import use_book_style
 from .profiles import Profile, get_profile
 from .reference import load_reference
 from .routing import dynamic_routing, fixed_couplings
+from .routing_em import EMRoutingOutput, em_routing, em_routing_reference, inverse_temperatures
 from .routing_reference import dynamic_routing_reference
 from .squashing import capsule_length, squash
 

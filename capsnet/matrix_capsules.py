@@ -20,9 +20,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .em_routing import DEFAULT_EPS, em_routing, routing_settings
 from .layers import conv_output_size
 from .models import check_images
+from .routing_em import DEFAULT_EPS, em_routing, routing_settings
 
 __all__ = [
     "ClassMatrixCapsules",
