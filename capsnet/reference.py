@@ -22,17 +22,19 @@ __all__ = ["REFERENCE_RUNS", "RUNS_URL", "load_reference", "reference_record"]
 
 RUNS_URL = "https://raw.githubusercontent.com/capsnet-book/capsnet-book/main/runs/"
 REFERENCE_RUNS = ("mnist-reference",)
-_FILES = ("run.json", "metrics.jsonl", "weights-fp16.pt")
+_RECORD_FILES = ("run.json", "metrics.jsonl")
+_FILES = (*_RECORD_FILES, "weights-fp16.pt")
 
 
-def _run_dir(name: str, download: bool) -> Path:
+def _run_dir(name: str, download: bool, files: tuple[str, ...] = _FILES) -> Path:
+    """The folder holding ``files`` of reference run ``name``: the checkout's ``runs/`` or the cache."""
     if name not in REFERENCE_RUNS:
         raise ValueError(f"unknown reference run {name!r}: choose one of {', '.join(REFERENCE_RUNS)}")
     checkout = Path(__file__).resolve().parent.parent / "runs" / name
-    if all((checkout / f).is_file() for f in _FILES):
+    if all((checkout / f).is_file() for f in files):
         return checkout
     cached = cache_dir() / "runs" / name
-    for file in _FILES:
+    for file in files:
         if (cached / file).is_file():
             continue
         if not download:
@@ -50,7 +52,7 @@ def _run_dir(name: str, download: bool) -> Path:
 def reference_record(name: str = "mnist-reference", download: bool = True) -> dict[str, Any]:
     """The run's ``run.json`` (commands, configuration, hardware, wall time, ``final`` test result)
     with its per-epoch metrics added under ``"metrics"``."""
-    folder = _run_dir(name, download)
+    folder = _run_dir(name, download, _RECORD_FILES)
     record = json.loads((folder / "run.json").read_text())
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     record["metrics"] = [json.loads(line) for line in lines if line.strip()]

@@ -79,10 +79,10 @@ def test_without_checkout_files_the_run_is_downloaded_into_the_cache(tmp_path, m
     monkeypatch.setattr(reference, "download_file", fake_download)
     record = reference.reference_record()
     assert record["metrics"] == [{"epoch": 1}]
-    assert fetched == [f"{reference.RUNS_URL}mnist-reference/{f}" for f in reference._FILES]
+    assert fetched == [f"{reference.RUNS_URL}mnist-reference/{f}" for f in reference._RECORD_FILES]
     assert (tmp_path / "capsnet" / "runs" / "mnist-reference" / "run.json").is_file()
     reference.reference_record()  # cached now: nothing fetched again
-    assert len(fetched) == 3
+    assert len(fetched) == 2
 
 
 def test_no_files_and_no_network_gives_an_actionable_error(tmp_path, monkeypatch):
