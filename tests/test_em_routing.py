@@ -15,13 +15,7 @@ from capsnet import EMRoutingOutput, em_routing, em_routing_reference, inverse_t
 SHAPES = [(2, 5, 3, 4), (3, 1, 4, 2), (2, 6, 1, 3), (1, 1, 1, 16), (2, 7, 4, 16)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is much faster than several on a busy machine (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_inputs(

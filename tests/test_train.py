@@ -53,12 +53,7 @@ METRIC_KEYS = {
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int = 48, batch: int = 16, seed: int = 0) -> tuple[DeviceBatches, DeviceBatches]:
