@@ -12,6 +12,7 @@ from .data import DATASETS
 from .hardware import PRECISIONS
 from .models import MODELS
 from .profiles import PROFILES
+from .train import GENERATED, LOSSES
 
 __all__ = ["main"]
 
@@ -28,6 +29,7 @@ def _train(args: argparse.Namespace) -> int:
         train_size=args.train_size,
         test_size=args.test_size,
         lr=args.lr,
+        recon_weight=args.recon_weight,
         max_shift=args.max_shift,
         precision=args.precision,
         seed=args.seed,
@@ -35,6 +37,9 @@ def _train(args: argparse.Namespace) -> int:
         routing_gradient=args.routing_gradient,
         coupling=args.coupling,
         decoder=not args.no_decoder,
+        loss=args.loss,
+        squashed=not args.no_squash,
+        steps=args.steps,
     )
     out = Path(args.out) if args.out else Path("runs") / f"{args.dataset}-{args.model}-seed{args.seed}"
     command = "python -m capsnet " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -64,7 +69,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         config = TrainConfig(**{**record["config"], "test_size": 0})
     _, test = make_data(config, next(model.parameters()).device, args.data)
     result = evaluate(
-        model, test, precision=args.precision, recon_weight=config.recon_weight, progress=not args.quiet
+        model,
+        test,
+        precision=args.precision,
+        recon_weight=config.recon_weight,
+        loss=config.loss,
+        progress=not args.quiet,
     )
     result["test_images"] = len(test.labels)
     print(json.dumps(result, indent=2))
@@ -90,7 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train CapsNet or the baseline CNN. The run folder gets checkpoint.pt (after every "
         "epoch, written atomically), metrics.jsonl, run.json and, at the end, weights-fp16.pt.",
     )
-    t.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="data set (default mnist)")
+    t.add_argument(
+        "--dataset",
+        choices=sorted({*DATASETS, *GENERATED}),
+        default="mnist",
+        help="data set (default mnist); translated-mnist: MNIST digits placed at random on 40x40, "
+        "also tested on an affNIST-style set (the paper's section 5.2)",
+    )
     t.add_argument("--model", choices=sorted(MODELS), default="capsnet", help="model (default capsnet)")
     t.add_argument(
         "--profile",
@@ -103,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=int,
         help="epochs in total (default: the profile's); with --resume, a larger number trains on",
+    )
+    t.add_argument(
+        "--steps",
+        type=int,
+        help="a budget of optimiser steps instead of --epochs (the last epoch may be partial)",
     )
     t.add_argument("--batch-size", type=int, help="batch size (default: the profile's)")
     t.add_argument("--train-size", type=int, help="training examples, 0 = all (default: the profile's)")
@@ -130,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="dynamic routing, or fixed couplings for ablations (default dynamic)",
     )
     t.add_argument("--no-decoder", action="store_true", help="train without the reconstruction decoder")
+    t.add_argument(
+        "--recon-weight",
+        type=float,
+        default=5e-4,
+        help="weight of the summed squared reconstruction error (default 0.0005)",
+    )
+    t.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="margin",
+        help="CapsNet's class loss: margin (the paper) or cross_entropy on the capsule lengths",
+    )
+    t.add_argument("--no-squash", action="store_true", help="ablation: capsules without the squash")
     t.add_argument("--out", help="run folder (default runs/DATASET-MODEL-seedSEED)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")

@@ -35,7 +35,8 @@ class PrimaryCapsules(nn.Module):
 
     Shapes: ``(batch, in_channels, H, W) -> (batch, capsule_types * H' * W', capsule_dim)``,
     capsules ordered by type, then row, then column. With the paper's sizes a 20x20x256 input
-    gives 32 x 6 x 6 = 1152 capsules of 8 dimensions.
+    gives 32 x 6 x 6 = 1152 capsules of 8 dimensions. ``squashed=False`` leaves the capsules
+    unsquashed (an ablation, chapter 12).
     """
 
     def __init__(
@@ -45,8 +46,11 @@ class PrimaryCapsules(nn.Module):
         capsule_dim: int = 8,
         kernel_size: int = 9,
         stride: int = 2,
+        *,
+        squashed: bool = True,
     ) -> None:
         super().__init__()
+        self.squashed = squashed
         self.capsule_types = capsule_types
         self.capsule_dim = capsule_dim
         self.conv = nn.Conv2d(in_channels, capsule_types * capsule_dim, kernel_size, stride)
@@ -62,7 +66,8 @@ class PrimaryCapsules(nn.Module):
         batch, _, height, width = out.shape
         out = out.view(batch, self.capsule_types, self.capsule_dim, height, width)
         out = out.permute(0, 1, 3, 4, 2)  # (B, T, H, W, D): components last
-        return squash(out.reshape(batch, -1, self.capsule_dim))
+        out = out.reshape(batch, -1, self.capsule_dim)
+        return squash(out) if self.squashed else out
 
 
 class RoutingCapsules(nn.Module):
@@ -93,6 +98,7 @@ class RoutingCapsules(nn.Module):
         gradient: GradientMode = "last",
         coupling: CouplingMode = "dynamic",
         init_std: float = 0.05,
+        squashed: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
@@ -100,6 +106,7 @@ class RoutingCapsules(nn.Module):
         self.in_caps, self.in_dim = in_caps, in_dim
         self.out_caps, self.out_dim = out_caps, out_dim
         self.iterations, self.gradient, self.coupling = iterations, gradient, coupling
+        self.squashed = squashed
         self.weight = nn.Parameter(init_std * torch.randn(in_caps, out_caps, out_dim, in_dim))
 
     def predictions(self, u: torch.Tensor) -> torch.Tensor:
@@ -126,6 +133,7 @@ class RoutingCapsules(nn.Module):
             gradient=self.gradient,
             coupling=self.coupling,
             generator=generator,
+            squashed=self.squashed,
         )
 
     def extra_repr(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
 from typing import NamedTuple
 
@@ -13,7 +14,16 @@ from .losses import as_target_mask
 from .routing import CouplingMode, GradientMode
 from .squashing import capsule_length
 
-__all__ = ["CapsNet", "CapsNetOutput", "Decoder", "BaselineCNN", "MODELS", "build_model", "check_images"]
+__all__ = [
+    "CapsNet",
+    "CapsNetOutput",
+    "Decoder",
+    "BaselineCNN",
+    "MODELS",
+    "build_model",
+    "check_images",
+    "small_cnn",
+]
 
 
 def check_images(x: torch.Tensor, channels: int, size: int) -> None:
@@ -93,6 +103,7 @@ class CapsNet(nn.Module):
         class_dim: dimension of each class capsule.
         kernel_size: kernel of Conv1 and PrimaryCaps.
         routing_iterations, routing_gradient, coupling: see :func:`capsnet.dynamic_routing`.
+        squashed: squash primary and class capsules (Eq. 1); ``False`` is an ablation.
         decoder: whether to build the reconstruction decoder.
         decoder_hidden: its hidden layer sizes.
     """
@@ -111,13 +122,16 @@ class CapsNet(nn.Module):
         routing_iterations: int = 3,
         routing_gradient: GradientMode = "last",
         coupling: CouplingMode = "dynamic",
+        squashed: bool = True,
         decoder: bool = True,
         decoder_hidden: tuple[int, ...] = (512, 1024),
     ) -> None:
         super().__init__()
         self.input_size, self.in_channels, self.classes = input_size, in_channels, classes
         self.conv1 = nn.Conv2d(in_channels, conv_channels, kernel_size)
-        self.primary = PrimaryCapsules(conv_channels, primary_types, primary_dim, kernel_size, 2)
+        self.primary = PrimaryCapsules(
+            conv_channels, primary_types, primary_dim, kernel_size, 2, squashed=squashed
+        )
         conv_side = conv_output_size(input_size, kernel_size)
         self.digit = RoutingCapsules(
             self.primary.num_capsules(conv_side),
@@ -127,6 +141,7 @@ class CapsNet(nn.Module):
             routing_iterations,
             gradient=routing_gradient,
             coupling=coupling,
+            squashed=squashed,
         )
         image_shape = (in_channels, input_size, input_size)
         self.decoder = Decoder(classes, class_dim, decoder_hidden, image_shape) if decoder else None
@@ -213,11 +228,21 @@ class BaselineCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-MODELS: dict[str, type[nn.Module]] = {"capsnet": CapsNet, "baseline": BaselineCNN}
+def small_cnn(**kwargs: object) -> BaselineCNN:
+    """The baseline CNN with (32, 64, 32) channels instead of (256, 256, 128): 8.4M parameters on
+    28x28 inputs, about as many as CapsNet's 8.2M, at a tenth of the baseline's compute."""
+    return BaselineCNN(channels=(32, 64, 32), **kwargs)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "capsnet": CapsNet,
+    "baseline": BaselineCNN,
+    "cnn-small": small_cnn,
+}
 
 
 def build_model(kind: str, **kwargs: object) -> nn.Module:
-    """Build a model by name (``"capsnet"`` or ``"baseline"``) with keyword arguments."""
+    """Build a model by name (a key of :data:`MODELS`) with keyword arguments."""
     if kind not in MODELS:
         raise ValueError(f"unknown model {kind!r}: choose one of {', '.join(MODELS)}")
     return MODELS[kind](**kwargs)

@@ -70,6 +70,10 @@ def fixed_couplings(
     raise ValueError(f"fixed coupling mode must be 'uniform' or 'random', got {mode!r}")
 
 
+def _identity(s: torch.Tensor) -> torch.Tensor:
+    return s
+
+
 def _weighted_sum(c: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
     """``s_j = sum_i c_ij u_hat_j|i`` (Eq. 2), parents first.
 
@@ -95,6 +99,7 @@ def dynamic_routing(
     gradient: GradientMode = "last",
     coupling: CouplingMode = "dynamic",
     generator: torch.Generator | None = None,
+    squashed: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route predictions to parent capsules by agreement (Procedure 1).
 
@@ -111,6 +116,8 @@ def dynamic_routing(
         coupling: ``"dynamic"`` routes by agreement. ``"uniform"`` and ``"random"`` use fixed
             couplings (see :func:`fixed_couplings`) and ignore ``iterations``: ablations.
         generator: random source for ``coupling="random"``.
+        squashed: apply :func:`capsnet.squash` to the parents (Eq. 1); ``False`` leaves
+            ``v_j = s_j`` unbounded, an ablation (chapter 12).
 
     Returns:
         ``(v, c)``: parent outputs ``v`` of shape ``(batch, out_caps, out_dim)`` and the final
@@ -125,9 +132,10 @@ def dynamic_routing(
     if coupling not in ("dynamic", "uniform", "random"):
         raise ValueError(f"coupling must be 'dynamic', 'uniform' or 'random', got {coupling!r}")
     u_parents = u_hat.transpose(1, 2)  # (batch, out_caps, in_caps, out_dim)
+    nonlinearity = squash if squashed else _identity
     if coupling != "dynamic":
         c = fixed_couplings(u_hat, coupling, generator)
-        return squash(_weighted_sum(c.transpose(1, 2), u_parents)), c
+        return nonlinearity(_weighted_sum(c.transpose(1, 2), u_parents)), c
 
     # Predictions used to compute agreement: detached unless gradients flow through all steps.
     u_route = u_parents if gradient == "all" else u_parents.detach()
@@ -135,7 +143,7 @@ def dynamic_routing(
     for r in range(iterations):
         c = b.softmax(dim=1)  # Eq. 3, over the parents
         last = r == iterations - 1
-        v = squash(_weighted_sum(c, u_parents if last else u_route))  # Eq. 2, Eq. 1
+        v = nonlinearity(_weighted_sum(c, u_parents if last else u_route))  # Eq. 2, Eq. 1
         if not last:
             b = b + _agreement(u_route, v)
     return v, c.transpose(1, 2)

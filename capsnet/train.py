@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint, save_fp16_weights
-from .data import DeviceBatches, load_dataset
+from .data import DATASETS, DeviceBatches, affnist_style, load_dataset, translated_mnist
 from .hardware import autocast, default_device, describe, resolve_precision
 from .losses import margin_loss, reconstruction_loss
 from .models import CapsNet, build_model
@@ -40,6 +40,7 @@ __all__ = [
     "fit",
     "load_trained",
     "make_data",
+    "make_more_tests",
     "run",
 ]
 
@@ -48,18 +49,33 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+LOSSES = ("margin", "cross_entropy")
+
+
 def batch_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, recon_weight: float, train: bool
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recon_weight: float,
+    train: bool,
+    loss: str = "margin",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and class scores of one batch. CapsNet: margin + recon_weight x reconstruction error
-    (decoder masked by the true label in training, by the prediction otherwise)."""
+    (decoder masked by the true label in training, by the prediction otherwise).
+
+    ``loss="cross_entropy"`` replaces CapsNet's margin loss by softmax cross-entropy with the
+    capsule lengths as logits (an ablation, chapter 12; lengths lie in [0, 1], so the softmax
+    stays soft and the loss never reaches 0). Other models always use cross-entropy on logits.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if isinstance(model, CapsNet):
         out = model(x, y if train else None)
         lengths = out.lengths.float()
-        loss = margin_loss(lengths, y)
+        loss_value = margin_loss(lengths, y) if loss == "margin" else nn.functional.cross_entropy(lengths, y)
         if out.reconstructions is not None and recon_weight:
-            loss = loss + recon_weight * reconstruction_loss(out.reconstructions.float(), x)
-        return loss, lengths
+            loss_value = loss_value + recon_weight * reconstruction_loss(out.reconstructions.float(), x)
+        return loss_value, lengths
     logits = model(x).float()
     return nn.functional.cross_entropy(logits, y), logits
 
@@ -71,6 +87,7 @@ def evaluate(
     *,
     precision: str = "fp32",
     recon_weight: float = 5e-4,
+    loss: str = "margin",
     progress: bool = False,
 ) -> dict[str, float]:
     """Mean loss, accuracy and error (in %) of ``model`` on every example of ``batches``."""
@@ -83,8 +100,8 @@ def evaluate(
     n = 0
     for x, y in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
         with autocast(precision, device):
-            loss, scores = batch_loss(model, x, y, recon_weight, train=False)
-        total_loss += loss.double() * len(y)
+            value, scores = batch_loss(model, x, y, recon_weight, train=False, loss=loss)
+        total_loss += value.double() * len(y)
         correct += (scores.argmax(dim=1) == y).sum()
         n += len(y)
     model.train(was_training)
@@ -119,6 +136,9 @@ def fit(
     lr_decay: float = 0.96,
     decay_steps: int = 2000,
     recon_weight: float = 5e-4,
+    loss: str = "margin",
+    max_steps: int | None = None,
+    more_tests: dict[str, DeviceBatches] | None = None,
     precision: str = "auto",
     out_dir: str | Path | None = None,
     resume: bool = False,
@@ -133,6 +153,10 @@ def fit(
         epochs: total epochs; with ``resume`` the run continues up to this many.
         lr, lr_decay, decay_steps: Adam's learning rate ``lr * lr_decay ** (step / decay_steps)``.
         recon_weight: weight of the summed squared reconstruction error (CapsNet only).
+        loss: CapsNet's classification loss, ``"margin"`` or ``"cross_entropy"`` (see :func:`batch_loss`).
+        max_steps: stop after this many optimiser steps in all (the last epoch may be partial).
+        more_tests: further test sets, evaluated after every epoch as ``{name}_loss``,
+            ``{name}_accuracy`` and ``{name}_error``.
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :mod:`capsnet.hardware`).
         out_dir: where checkpoint, metrics and run record go (nothing is written if ``None``).
         resume: continue from ``out_dir/checkpoint.pt``.
@@ -186,6 +210,8 @@ def fit(
     }
 
     for epoch in range(start_epoch, epochs):
+        if max_steps is not None and scheduler.last_epoch >= max_steps:
+            break
         started = time.perf_counter()
         model.train()
         train.set_epoch(epoch)
@@ -193,24 +219,29 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
         bar = tqdm(train, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
+        i = 0
         for i, (x, y) in enumerate(bar):
+            if max_steps is not None and scheduler.last_epoch >= max_steps:
+                break
             with autocast(precision, device):
-                loss, scores = batch_loss(model, x, y, recon_weight, train=True)
+                value, scores = batch_loss(model, x, y, recon_weight, train=True, loss=loss)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(value).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += loss.detach().double() * len(y)
+            loss_sum += value.detach().double() * len(y)
             correct += (scores.detach().argmax(dim=1) == y).sum()
             seen += len(y)
-            if i % 25 == 0 or i == len(train) - 1:  # the sum is non-finite if any loss so far was
+            if i % 25 == 0:  # the sum is non-finite if any loss so far was
                 if not math.isfinite(loss_sum.item()):
                     raise _non_finite(f"the training loss became {loss_sum.item()}", epoch, i, out)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{value.item():.4f}")
         train_seconds = time.perf_counter() - started
+        if not math.isfinite(loss_sum.item()):
+            raise _non_finite(f"the training loss became {loss_sum.item()}", epoch, i, out)
         if not all(bool(p.isfinite().all()) for p in model.parameters()):  # a last step's NaN gradient
-            raise _non_finite("the weights became non-finite", epoch, len(train) - 1, out)
+            raise _non_finite("the weights became non-finite", epoch, i, out)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": scheduler.last_epoch,
@@ -219,9 +250,10 @@ def fit(
             "train_accuracy": correct.item() / seen,
             "train_images_per_s": seen / train_seconds,
         }
-        if test is not None:
-            result = evaluate(model, test, precision=precision, recon_weight=recon_weight)
-            metrics.update({f"test_{k}": v for k, v in result.items()})
+        for name, batches in {"test": test, **(more_tests or {})}.items():
+            if batches is not None:
+                result = evaluate(model, batches, precision=precision, recon_weight=recon_weight, loss=loss)
+                metrics.update({f"{name}_{k}": v for k, v in result.items()})
         metrics["seconds"] = time.perf_counter() - started
         elapsed += metrics["seconds"]
         history.append(metrics)
@@ -289,9 +321,19 @@ class TrainConfig:
     routing_gradient: str = "last"
     coupling: str = "dynamic"
     decoder: bool = True
+    loss: str = "margin"
+    squashed: bool = True
+    steps: int | None = None
 
     def resolved(self) -> TrainConfig:
         """Fill the ``None`` size fields from the profile (0 sizes mean the whole split)."""
+        if self.dataset not in DATASETS and self.dataset not in GENERATED:
+            names = ", ".join(sorted({*DATASETS, *GENERATED}))
+            raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {names}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
         profile = get_profile(self.profile)
         return replace(
             self,
@@ -304,14 +346,39 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`capsnet.models.build_model` for this run's model."""
+        size = {"input_size": GENERATED[self.dataset].canvas} if self.dataset in GENERATED else {}
         if self.model == "capsnet":
             return {
+                **size,
                 "routing_iterations": self.routing_iterations,
                 "routing_gradient": self.routing_gradient,
                 "coupling": self.coupling,
+                "squashed": self.squashed,
                 "decoder": self.decoder,
             }
-        return {}
+        return size
+
+
+@dataclass(frozen=True)
+class _Generated:
+    """A data set made from MNIST digits: the training and test splits on a ``canvas``, and
+    further test sets evaluated beside the test split (name -> generator)."""
+
+    canvas: int
+    more_tests: tuple[str, ...]
+
+
+# translated-mnist: the paper's section 5.2: train and test on MNIST digits placed at random on
+# 40x40; also test on the affNIST-style set made from the test digits.
+GENERATED: dict[str, _Generated] = {"translated-mnist": _Generated(40, ("affnist_style",))}
+
+
+def _generate(name: str, images: torch.Tensor, labels: torch.Tensor, seed: int):
+    if name == "translated-mnist":
+        return translated_mnist(images, labels, seed, canvas=40)
+    if name == "affnist_style":
+        return affnist_style(images, labels, seed, canvas=40)
+    raise ValueError(f"no generator called {name!r}")
 
 
 def _subset(images: torch.Tensor, labels: torch.Tensor, size: int, seed: int):
@@ -325,22 +392,40 @@ def make_data(
     config: TrainConfig, device: torch.device, root: str | Path | None = None
 ) -> tuple[DeviceBatches, DeviceBatches]:
     """Training batches (shuffled, shifted) and test batches for a resolved ``config``."""
-    train_split = load_dataset(config.dataset, "train", root)
-    test_split = load_dataset(config.dataset, "test", root)
+    generated = config.dataset in GENERATED
+    source = "mnist" if generated else config.dataset
+    train_split = load_dataset(source, "train", root)
+    test_split = load_dataset(source, "test", root)
+    train_data = _subset(train_split.images, train_split.labels, config.train_size, config.seed)
+    test_data = _subset(test_split.images, test_split.labels, config.test_size, config.seed + 1)
+    if generated:
+        train_data = _generate(config.dataset, *train_data, seed=config.seed)
+        test_data = _generate(config.dataset, *test_data, seed=config.seed + 1)
     train = DeviceBatches(
-        *_subset(train_split.images, train_split.labels, config.train_size, config.seed),
+        *train_data,
         config.batch_size,
         device,
         shuffle=True,
         max_shift=config.max_shift,
         seed=config.seed,
     )
-    test = DeviceBatches(
-        *_subset(test_split.images, test_split.labels, config.test_size, config.seed + 1),
-        max(config.batch_size, 256),
-        device,
-    )
+    test = DeviceBatches(*test_data, max(config.batch_size, 256), device)
     return train, test
+
+
+def make_more_tests(
+    config: TrainConfig, device: torch.device, root: str | Path | None = None
+) -> dict[str, DeviceBatches]:
+    """The further test sets of a generated data set (e.g. ``affnist_style`` beside
+    ``translated-mnist``), made from the same test digits as its test split; else ``{}``."""
+    if config.dataset not in GENERATED:
+        return {}
+    split = load_dataset("mnist", "test", root)
+    digits = _subset(split.images, split.labels, config.test_size, config.seed + 1)
+    return {
+        name: DeviceBatches(*_generate(name, *digits, seed=config.seed + 2), 256, device)
+        for name in GENERATED[config.dataset].more_tests
+    }
 
 
 def run(
@@ -373,6 +458,8 @@ def run(
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_kwargs()).to(device)
     train, test = make_data(config, device, data_root)
+    if config.steps is not None:  # a budget of optimiser steps fixes the number of epochs
+        config = replace(config, epochs=-(-config.steps // len(train)))
     record = {"config": asdict(config), "commands": commands, "model_kwargs": config.model_kwargs()}
     history = fit(
         model,
@@ -383,6 +470,9 @@ def run(
         lr_decay=config.lr_decay,
         decay_steps=config.decay_steps,
         recon_weight=config.recon_weight if config.model == "capsnet" else 0.0,
+        loss=config.loss,
+        max_steps=config.steps,
+        more_tests=make_more_tests(config, device, data_root),
         precision=config.precision,
         out_dir=out_dir,
         resume=resume,
@@ -416,7 +506,10 @@ def export_weights(out_dir: str | Path, data_root: str | Path | None = None) -> 
     config = TrainConfig(**record["config"])
     device = next(model.parameters()).device
     _, test = make_data(config, device, data_root)
-    final = evaluate(model, test, precision="fp32", recon_weight=config.recon_weight)
+    settings = {"precision": "fp32", "recon_weight": config.recon_weight, "loss": config.loss}
+    final: dict[str, Any] = evaluate(model, test, **settings)
+    for name, batches in make_more_tests(config, device, data_root).items():
+        final[name] = evaluate(model, batches, **settings)
     final.update(epoch=state["epoch"], weights="weights-fp16.pt", test_images=len(test.labels))
     run_record = json.loads((out / "run.json").read_text())
     _write_json(out / "run.json", {**run_record, "final": final})

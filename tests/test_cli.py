@@ -24,6 +24,7 @@ EXPECTED_OPTIONS = {
         "--dataset", "--model", "--profile", "--epochs", "--batch-size", "--train-size", "--test-size",
         "--lr", "--max-shift", "--precision", "--seed", "--routing-iterations", "--routing-gradient",
         "--coupling", "--no-decoder", "--out", "--resume", "--device", "--data", "--quiet",
+        "--steps", "--recon-weight", "--loss", "--no-squash",
     ],
     "evaluate": ["checkpoint", "--full-test-set", "--precision", "--device", "--data", "--quiet"],
     "bench": ["--batch-size", "--device"],
@@ -199,3 +200,18 @@ def test_existing_run_needs_resume(smoke_run, data_root, capsys):
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--resume" in err
     assert (out / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_train_translated_mnist_records_the_affnist_style_test(tmp_path, data_root):
+    args = ["--dataset", "translated-mnist", "--model", "cnn-small", "--profile", "smoke"]
+    args += ["--train-size", "64", "--test-size", "32", "--steps", "3", "--batch-size", "16"]
+    result = _capsnet("train", *args, "--out", "run", "--quiet", cwd=tmp_path, data=data_root)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["config"]["steps"] == 3 and record["config"]["epochs"] == 1
+    assert record["model_kwargs"] == {"input_size": 40}
+    (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["step"] == 3
+    assert {"test_accuracy", "affnist_style_accuracy"} <= set(metrics)
+    final = record["final"]
+    assert 0 <= final["affnist_style"]["accuracy"] <= 1 and final["test_images"] == 32

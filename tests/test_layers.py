@@ -140,3 +140,13 @@ def test_wrong_input_shapes_raise(shape: tuple[int, ...]) -> None:
 def test_bad_iterations_raise(iterations: object) -> None:
     with pytest.raises(ValueError, match=rf"iterations must be an integer >= 1, got {iterations!r}"):
         RoutingCapsules(in_caps=2, iterations=iterations)  # type: ignore[arg-type]
+
+
+def test_primary_capsules_without_squash():
+    torch.manual_seed(0)
+    squashed = PrimaryCapsules(8, 2, 4, 3, 2)
+    raw = PrimaryCapsules(8, 2, 4, 3, 2, squashed=False)
+    raw.load_state_dict(squashed.state_dict())
+    x = torch.randn(2, 8, 9, 9)
+    assert torch.allclose(squash(raw(x)), squashed(x))
+    assert (capsule_length(raw(x)) > 1).any()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from capsnet import BaselineCNN, CapsNet, dynamic_routing, margin_loss, reconstruction_loss
+from capsnet.models import build_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -277,3 +278,16 @@ def test_forward_backward_and_routing_on_device(device: str) -> None:
         v, c = dynamic_routing(u_hat, 3, coupling=coupling, generator=torch.Generator().manual_seed(0))
         assert v.device.type == c.device.type == device
         torch.testing.assert_close(c.sum(dim=2), torch.ones(2, 6, device=device))
+
+
+def test_small_cnn_is_about_as_large_as_capsnet():
+    model = build_model("cnn-small")
+    assert sum(p.numel() for p in model.parameters()) == 8_397_618
+    assert build_model("cnn-small", input_size=40)(torch.rand(2, 1, 40, 40)).shape == (2, 10)
+
+
+def test_capsnet_without_squash_is_built_and_runs():
+    torch.manual_seed(0)
+    model = CapsNet(squashed=False, conv_channels=16, primary_types=4, decoder=False)
+    assert not model.primary.squashed and not model.digit.squashed
+    assert model(torch.rand(2, 1, 28, 28)).lengths.shape == (2, 10)

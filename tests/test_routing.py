@@ -189,3 +189,16 @@ def test_rejects_bad_mode_strings() -> None:
         dynamic_routing(u_hat, coupling="agreement")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'uniform' or 'random', got 'dynamic'"):
         fixed_couplings(u_hat, "dynamic")  # type: ignore[arg-type]
+
+
+def test_without_squash_the_parents_are_the_weighted_sums():
+    u_hat = torch.randn(3, 7, 4, 5, dtype=torch.float64)
+    v, c = dynamic_routing(u_hat, 1, squashed=False)  # one iteration: uniform couplings 1/4
+    assert torch.allclose(c, torch.full_like(c, 0.25))
+    assert torch.allclose(v, u_hat.sum(dim=1) / 4)
+    v3, _ = dynamic_routing(u_hat, 3, squashed=False)
+    squashed, _ = dynamic_routing(u_hat, 3)
+    assert not torch.allclose(v3, squashed)
+    for coupling in ("uniform", "random"):
+        v, c = dynamic_routing(u_hat, coupling=coupling, squashed=False, generator=torch.Generator())
+        assert torch.allclose(v, torch.einsum("bij,bijd->bjd", c, u_hat))

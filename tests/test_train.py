@@ -24,11 +24,13 @@ from capsnet.profiles import PROFILES, get_profile
 from capsnet.train import (
     NonFiniteLossError,
     TrainConfig,
+    batch_loss,
     evaluate,
     export_weights,
     fit,
     load_trained,
     make_data,
+    make_more_tests,
 )
 
 TINY_CAPSNET = {"conv_channels": 16, "primary_types": 4, "decoder_hidden": (32, 64)}
@@ -183,8 +185,8 @@ def _loss_patch(monkeypatch, at_step: int, make_bad):
     real = train_module.batch_loss
     steps = [0]
 
-    def patched(model, x, y, recon_weight, train):
-        loss, scores = real(model, x, y, recon_weight, train)
+    def patched(model, x, y, recon_weight, train, loss="margin"):
+        loss, scores = real(model, x, y, recon_weight, train, loss)
         if train:
             steps[0] += 1
             if steps[0] == at_step:
@@ -473,3 +475,62 @@ def test_train_config_model_kwargs():
     model = capsnet.CapsNet(**TINY_CAPSNET, **config.model_kwargs())
     assert model.decoder is None
     assert TrainConfig(model="baseline").model_kwargs() == {}
+
+
+# ----------------------------------------------------------------------------- ablation switches
+
+
+def test_cross_entropy_loss_uses_the_lengths_as_logits():
+    torch.manual_seed(0)
+    model = capsnet.CapsNet(**TINY_CAPSNET).eval()
+    x, y = torch.rand(6, 1, 28, 28), torch.arange(6)
+    loss, lengths = batch_loss(model, x, y, 0.0, train=False, loss="cross_entropy")
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(model(x).lengths, y))
+    margin, _ = batch_loss(model, x, y, 0.0, train=False)
+    assert torch.allclose(margin, margin_loss(lengths, y))
+    assert not torch.allclose(loss, margin)
+    with pytest.raises(ValueError, match="loss must be one of margin, cross_entropy, got 'hinge'"):
+        batch_loss(model, x, y, 0.0, train=False, loss="hinge")
+
+
+def test_max_steps_stops_in_the_middle_of_an_epoch(tmp_path):
+    _, history = _train("capsnet", tmp_path, 5, max_steps=4)  # 3 batches per epoch
+    assert [m["step"] for m in history] == [3, 4]
+    _, again = _train("capsnet", tmp_path, 5, max_steps=4, resume=True)  # nothing left to do
+    assert [m["step"] for m in again] == [3, 4]
+
+
+def test_more_tests_are_evaluated_every_epoch():
+    _, extra = _data(seed=1)
+    _, history = _train("baseline", None, 2, more_tests={"other": extra})
+    for metrics in history:
+        assert {"other_loss", "other_accuracy", "other_error"} <= set(metrics)
+        assert metrics["other_error"] == pytest.approx(100 * (1 - metrics["other_accuracy"]))
+
+
+def test_train_config_checks_ablation_settings():
+    with pytest.raises(ValueError, match="unknown dataset 'emnist'.*translated-mnist"):
+        TrainConfig(dataset="emnist").resolved()
+    with pytest.raises(ValueError, match="loss must be one of"):
+        TrainConfig(loss="mse").resolved()
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        TrainConfig(steps=0).resolved()
+    config = TrainConfig(squashed=False, dataset="translated-mnist")
+    assert config.model_kwargs()["squashed"] is False and config.model_kwargs()["input_size"] == 40
+    assert TrainConfig(model="cnn-small", dataset="translated-mnist").model_kwargs() == {"input_size": 40}
+
+
+def test_translated_mnist_data(mnist_root):
+    config = TrainConfig(dataset="translated-mnist", profile="smoke", train_size=32, test_size=16).resolved()
+    train, test = make_data(config, CPU)
+    assert train.images.shape == (32, 1, 40, 40) and test.images.shape == (16, 1, 40, 40)
+    ((name, affnist),) = make_more_tests(config, CPU).items()
+    assert name == "affnist_style" and affnist.images.shape == (16, 1, 40, 40)
+    assert torch.equal(affnist.labels, test.labels)  # the same test digits, transformed differently
+    assert not torch.equal(affnist.images, test.images)
+    # each translated test image holds all the ink of its MNIST test digit, unchanged
+    split = capsnet.data.load_dataset("mnist", "test")
+    digits, labels = train_module._subset(split.images, split.labels, 16, config.seed + 1)
+    assert torch.equal(test.labels, labels)
+    assert torch.equal(test.images.sum(dim=(1, 2, 3)), digits.sum(dim=(1, 2, 3)))
+    assert make_more_tests(TrainConfig(profile="smoke").resolved(), CPU) == {}
