@@ -12,6 +12,7 @@ from .data import DATASETS
 from .hardware import PRECISIONS
 from .models import MODELS
 from .profiles import PROFILES
+from .sweeps import SWEEPS
 from .train import GENERATED, LOSSES
 
 __all__ = ["main"]
@@ -40,6 +41,7 @@ def _train(args: argparse.Namespace) -> int:
         loss=args.loss,
         squashed=not args.no_squash,
         steps=args.steps,
+        test_every=args.test_every,
     )
     out = Path(args.out) if args.out else Path("runs") / f"{args.dataset}-{args.model}-seed{args.seed}"
     command = "python -m capsnet " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -78,6 +80,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     result["test_images"] = len(test.labels)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweeps import run_sweep
+
+    trained = run_sweep(args.name, args.root, args.only)
+    print(f"sweep {args.name}: trained {len(trained)} run(s); records in {Path(args.root) / args.name}")
     return 0
 
 
@@ -124,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         help="a budget of optimiser steps instead of --epochs (the last epoch may be partial)",
+    )
+    t.add_argument(
+        "--test-every",
+        type=int,
+        default=1,
+        help="evaluate on the test set every N epochs and after the last (default 1)",
     )
     t.add_argument("--batch-size", type=int, help="batch size (default: the profile's)")
     t.add_argument("--train-size", type=int, help="training examples, 0 = all (default: the profile's)")
@@ -187,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="data folder (as for train)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_evaluate)
+
+    s = sub.add_parser(
+        "sweep",
+        help="run one of the book's recorded experiments",
+        description="Run the runs of a sweep (the experiments behind chapters 11-13) one after another "
+        "into ROOT/NAME/RUN; finished runs are skipped, an interrupted one is resumed.",
+    )
+    s.add_argument("name", choices=sorted(SWEEPS), help="the sweep")
+    s.add_argument("--root", default="runs", help="folder of the sweeps (default runs)")
+    s.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs of the sweep")
+    s.set_defaults(func=_sweep)
 
     b = sub.add_parser(
         "bench",

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from .data import DownloadError, cache_dir, download_file
+from .sweeps import sweep_runs
 from .train import load_trained
 
-__all__ = ["REFERENCE_RUNS", "RUNS_URL", "load_reference", "reference_record"]
+__all__ = ["REFERENCE_RUNS", "RUNS_URL", "load_reference", "reference_record", "sweep_records"]
 
 RUNS_URL = "https://raw.githubusercontent.com/capsnet-book/capsnet-book/main/runs/"
 REFERENCE_RUNS = ("mnist-reference",)
@@ -27,9 +28,8 @@ _FILES = (*_RECORD_FILES, "weights-fp16.pt")
 
 
 def _run_dir(name: str, download: bool, files: tuple[str, ...] = _FILES) -> Path:
-    """The folder holding ``files`` of reference run ``name``: the checkout's ``runs/`` or the cache."""
-    if name not in REFERENCE_RUNS:
-        raise ValueError(f"unknown reference run {name!r}: choose one of {', '.join(REFERENCE_RUNS)}")
+    """The folder holding ``files`` of run ``name`` (a reference run, or ``SWEEP/RUN``): the
+    checkout's ``runs/`` or the cache."""
     checkout = Path(__file__).resolve().parent.parent / "runs" / name
     if all((checkout / f).is_file() for f in files):
         return checkout
@@ -49,14 +49,44 @@ def _run_dir(name: str, download: bool, files: tuple[str, ...] = _FILES) -> Path
     return cached
 
 
-def reference_record(name: str = "mnist-reference", download: bool = True) -> dict[str, Any]:
-    """The run's ``run.json`` (commands, configuration, hardware, wall time, ``final`` test result)
-    with its per-epoch metrics added under ``"metrics"``."""
+def _check_reference(name: str) -> None:
+    if name not in REFERENCE_RUNS:
+        raise ValueError(f"unknown reference run {name!r}: choose one of {', '.join(REFERENCE_RUNS)}")
+
+
+def _record(name: str, download: bool) -> dict[str, Any]:
     folder = _run_dir(name, download, _RECORD_FILES)
     record = json.loads((folder / "run.json").read_text())
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     record["metrics"] = [json.loads(line) for line in lines if line.strip()]
     return record
+
+
+def reference_record(name: str = "mnist-reference", download: bool = True) -> dict[str, Any]:
+    """The run's ``run.json`` (commands, configuration, hardware, wall time, ``final`` test result)
+    with its per-epoch metrics added under ``"metrics"``."""
+    _check_reference(name)
+    return _record(name, download)
+
+
+def sweep_records(sweep: str, download: bool = True) -> dict[str, dict[str, Any]]:
+    """The records of every run of a sweep (see :mod:`capsnet.sweeps`), run name -> ``run.json``
+    with ``"metrics"``, as :func:`reference_record` gives them. A run that was not recorded (or not
+    finished) raises ``FileNotFoundError`` naming the command that makes it."""
+    records = {}
+    for run in sweep_runs(sweep):
+        try:
+            records[run] = _record(f"{sweep}/{run}", download)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{err}. Make it with: python -m capsnet sweep {sweep} --only {run}"
+            ) from err
+        if "final" not in records[run]:
+            raise FileNotFoundError(
+                f"run {sweep}/{run} is not finished; finish it with: "
+                f"python -m capsnet sweep {sweep} --only {run}"
+            )
+    return records
 
 
 def load_reference(
@@ -67,6 +97,7 @@ def load_reference(
     >>> model, record = load_reference()  # doctest: +SKIP
     >>> record["final"]["accuracy"]        # doctest: +SKIP
     """
+    _check_reference(name)
     folder = _run_dir(name, download)
     model, _ = load_trained(folder / "weights-fp16.pt", device)
     return model, reference_record(name, download)

@@ -139,6 +139,7 @@ def fit(
     loss: str = "margin",
     max_steps: int | None = None,
     more_tests: dict[str, DeviceBatches] | None = None,
+    test_every: int = 1,
     precision: str = "auto",
     out_dir: str | Path | None = None,
     resume: bool = False,
@@ -157,6 +158,7 @@ def fit(
         max_steps: stop after this many optimiser steps in all (the last epoch may be partial).
         more_tests: further test sets, evaluated after every epoch as ``{name}_loss``,
             ``{name}_accuracy`` and ``{name}_error``.
+        test_every: evaluate the test sets every this many epochs and after the last one.
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :mod:`capsnet.hardware`).
         out_dir: where checkpoint, metrics and run record go (nothing is written if ``None``).
         resume: continue from ``out_dir/checkpoint.pt``.
@@ -175,10 +177,13 @@ def fit(
             infinite; ``out_dir`` keeps the checkpoint of the last completed epoch, so no
             checkpoint ever holds non-finite weights.
         FileExistsError: ``out_dir`` already holds a checkpoint and ``resume`` is false.
-        ValueError: ``resume`` without ``out_dir``, ``epochs < 0`` or an unknown ``precision``.
+        ValueError: ``resume`` without ``out_dir``, ``epochs < 0``, ``test_every < 1`` or an unknown
+            ``precision``.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if test_every < 1:
+        raise ValueError(f"test_every must be >= 1, got {test_every}")
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -250,8 +255,10 @@ def fit(
             "train_accuracy": correct.item() / seen,
             "train_images_per_s": seen / train_seconds,
         }
+        last = epoch + 1 == epochs or (max_steps is not None and scheduler.last_epoch >= max_steps)
+        tested = (epoch + 1) % test_every == 0 or last
         for name, batches in {"test": test, **(more_tests or {})}.items():
-            if batches is not None:
+            if batches is not None and tested:
                 result = evaluate(model, batches, precision=precision, recon_weight=recon_weight, loss=loss)
                 metrics.update({f"{name}_{k}": v for k, v in result.items()})
         metrics["seconds"] = time.perf_counter() - started
@@ -324,6 +331,7 @@ class TrainConfig:
     loss: str = "margin"
     squashed: bool = True
     steps: int | None = None
+    test_every: int = 1
 
     def resolved(self) -> TrainConfig:
         """Fill the ``None`` size fields from the profile (0 sizes mean the whole split)."""
@@ -473,6 +481,7 @@ def run(
         loss=config.loss,
         max_steps=config.steps,
         more_tests=make_more_tests(config, device, data_root),
+        test_every=config.test_every,
         precision=config.precision,
         out_dir=out_dir,
         resume=resume,

@@ -24,7 +24,7 @@ EXPECTED_OPTIONS = {
         "--dataset", "--model", "--profile", "--epochs", "--batch-size", "--train-size", "--test-size",
         "--lr", "--max-shift", "--precision", "--seed", "--routing-iterations", "--routing-gradient",
         "--coupling", "--no-decoder", "--out", "--resume", "--device", "--data", "--quiet",
-        "--steps", "--recon-weight", "--loss", "--no-squash",
+        "--steps", "--recon-weight", "--loss", "--no-squash", "--test-every",
     ],
     "evaluate": ["checkpoint", "--full-test-set", "--precision", "--device", "--data", "--quiet"],
     "bench": ["--batch-size", "--device"],

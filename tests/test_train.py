@@ -500,6 +500,15 @@ def test_max_steps_stops_in_the_middle_of_an_epoch(tmp_path):
     assert [m["step"] for m in again] == [3, 4]
 
 
+def test_test_every():
+    _, history = _train("baseline", None, 5, test_every=2)
+    assert ["test_accuracy" in m for m in history] == [False, True, False, True, True]
+    _, history = _train("baseline", None, 5, test_every=100, max_steps=7)  # 3 batches per epoch
+    assert ["test_accuracy" in m for m in history] == [False, False, True]
+    with pytest.raises(ValueError, match="test_every must be >= 1"):
+        _train("baseline", None, 1, test_every=0)
+
+
 def test_more_tests_are_evaluated_every_epoch():
     _, extra = _data(seed=1)
     _, history = _train("baseline", None, 2, more_tests={"other": extra})
