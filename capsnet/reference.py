@@ -27,10 +27,20 @@ _RECORD_FILES = ("run.json", "metrics.jsonl")
 _FILES = (*_RECORD_FILES, "weights-fp16.pt")
 
 
-def _run_dir(name: str, download: bool, files: tuple[str, ...] = _FILES) -> Path:
-    """The folder holding ``files`` of run ``name`` (a reference run, or ``SWEEP/RUN``): the
-    checkout's ``runs/`` or the cache."""
-    checkout = Path(__file__).resolve().parent.parent / "runs" / name
+_CHECKOUT_RUNS = Path(__file__).resolve().parent.parent / "runs"
+
+
+def _run_dir(
+    name: str, download: bool, files: tuple[str, ...] = _FILES, root: str | Path | None = None
+) -> Path:
+    """The folder holding ``files`` of run ``name`` (a reference run, or ``SWEEP/RUN``): under
+    ``root`` if given, else the checkout's ``runs/`` or the cache."""
+    if root is not None:
+        folder = Path(root) / name
+        if not all((folder / f).is_file() for f in files):
+            raise FileNotFoundError(f"run {name} is not recorded in {root}")
+        return folder
+    checkout = _CHECKOUT_RUNS / name
     if all((checkout / f).is_file() for f in files):
         return checkout
     cached = cache_dir() / "runs" / name
@@ -54,8 +64,8 @@ def _check_reference(name: str) -> None:
         raise ValueError(f"unknown reference run {name!r}: choose one of {', '.join(REFERENCE_RUNS)}")
 
 
-def _record(name: str, download: bool) -> dict[str, Any]:
-    folder = _run_dir(name, download, _RECORD_FILES)
+def _record(name: str, download: bool, root: str | Path | None = None) -> dict[str, Any]:
+    folder = _run_dir(name, download, _RECORD_FILES, root)
     record = json.loads((folder / "run.json").read_text())
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     record["metrics"] = [json.loads(line) for line in lines if line.strip()]
@@ -69,14 +79,17 @@ def reference_record(name: str = "mnist-reference", download: bool = True) -> di
     return _record(name, download)
 
 
-def sweep_records(sweep: str, download: bool = True) -> dict[str, dict[str, Any]]:
+def sweep_records(
+    sweep: str, download: bool = True, root: str | Path | None = None
+) -> dict[str, dict[str, Any]]:
     """The records of every run of a sweep (see :mod:`capsnet.sweeps`), run name -> ``run.json``
-    with ``"metrics"``, as :func:`reference_record` gives them. A run that was not recorded (or not
-    finished) raises ``FileNotFoundError`` naming the command that makes it."""
+    with ``"metrics"``, as :func:`reference_record` gives them; from ``root`` (the folder that
+    ``python -m capsnet sweep --root`` wrote) if given, else from the book's ``runs/``. A run that
+    was not recorded (or not finished) raises ``FileNotFoundError`` naming the command that makes it."""
     records = {}
     for run in sweep_runs(sweep):
         try:
-            records[run] = _record(f"{sweep}/{run}", download)
+            records[run] = _record(f"{sweep}/{run}", download, root)
         except FileNotFoundError as err:
             raise FileNotFoundError(
                 f"{err}. Make it with: python -m capsnet sweep {sweep} --only {run}"
