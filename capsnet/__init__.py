@@ -2,6 +2,7 @@
 
 Layers, bottom up: ``squashing`` and ``losses`` (tensor functions) -> ``routing`` ->
 ``layers`` -> ``models`` -> ``train``, ``bench``, ``reference``, ``plotting`` -> ``cli``.
+``multidigit`` (two overlapping digits) and ``sweeps`` (the recorded experiments) sit beside ``train``.
 ``data`` (and the toy ``faces``) stand apart and know nothing of models.
 Matrix capsules (Hinton, Sabour & Frosst 2018): ``routing_em`` sits beside ``routing``,
 ``matrix_capsules`` (layers and model) beside ``models``.
