@@ -49,6 +49,8 @@ GLOSSARY_TERMS = [
     "max pooling",
     "DigitCaps",
     "transformation matrix",
+    "affNIST-style",
+    "MultiMNIST",
 ]
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
