@@ -308,7 +308,15 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a run of :func:`run`; ``None`` fields come from the profile."""
+    """Everything that defines a run of :func:`run`; ``None`` fields come from the profile.
+
+    ``dataset`` is ``mnist``, ``fashion-mnist`` or a data set generated from MNIST digits
+    (:data:`GENERATED`: ``translated-mnist``); ``model`` a key of :data:`capsnet.models.MODELS`.
+    ``steps``, if set, is a budget of optimiser steps that replaces ``epochs``; ``test_every``
+    thins out the per-epoch evaluation. ``loss``, ``squashed``, ``recon_weight``, ``coupling`` and
+    ``routing_iterations`` are the switches of the ablations (chapter 12); the other fields are
+    the paper's recipe (see :func:`fit`).
+    """
 
     dataset: str = "mnist"
     model: str = "capsnet"
