@@ -43,14 +43,14 @@ _TRANSLATED += ["--train-size", "10000", "--test-size", "5000", "--batch-size", 
 
 SWEEPS: dict[str, dict[str, list[str]]] = {
     "ablations": {
-        f"{name}-seed{seed}": [*_MNIST, "--train-size", "8000", "--epochs", "1", *args, "--seed", str(seed)]
+        f"{name}-seed{seed}": [*_MNIST, "--train-size", "6000", "--epochs", "1", *args, "--seed", str(seed)]
         for name, args in _ABLATIONS.items()
         for seed in SEEDS
     },
     "data-efficiency": {
         f"{model}-{fraction}-seed{seed}": [
             *_MNIST,
-            *("--model", model, "--train-size", str(size), "--steps", "150", "--test-every", "100"),
+            *("--model", model, "--train-size", str(size), "--steps", "120", "--test-every", "100"),
             *("--seed", str(seed)),
         ]
         for model in ("capsnet", "cnn-small")
