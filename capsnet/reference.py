@@ -27,9 +27,6 @@ _RECORD_FILES = ("run.json", "metrics.jsonl")
 _FILES = (*_RECORD_FILES, "weights-fp16.pt")
 
 
-_CHECKOUT_RUNS = Path(__file__).resolve().parent.parent / "runs"
-
-
 def _run_dir(
     name: str, download: bool, files: tuple[str, ...] = _FILES, root: str | Path | None = None
 ) -> Path:
@@ -40,7 +37,7 @@ def _run_dir(
         if not all((folder / f).is_file() for f in files):
             raise FileNotFoundError(f"run {name} is not recorded in {root}")
         return folder
-    checkout = _CHECKOUT_RUNS / name
+    checkout = Path(__file__).resolve().parent.parent / "runs" / name
     if all((checkout / f).is_file() for f in files):
         return checkout
     cached = cache_dir() / "runs" / name
