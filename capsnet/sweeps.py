@@ -59,7 +59,7 @@ SWEEPS: dict[str, dict[str, list[str]]] = {
     },
     "affnist": {
         "capsnet": [*_TRANSLATED, "--model", "capsnet", "--epochs", "2"],
-        "cnn-small": [*_TRANSLATED, "--model", "cnn-small", "--epochs", "4"],
+        "cnn-small": [*_TRANSLATED, "--model", "cnn-small", "--epochs", "6"],
     },
 }
 
