@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "runs" / "mnist-reference"
 HEADING = "## The reference run"
+TARGET = 0.995
 
 
 def section() -> str:
@@ -36,10 +37,16 @@ def section() -> str:
             f"**{100 * final['accuracy']:.2f}% ({final['error']:.2f}% error)**.",
             f"Per-epoch test accuracy (`metrics.jsonl`, evaluated in {run['precision']}): {accuracies}%",
             f"(best {100 * best['test_accuracy']:.2f}% after epoch {best['epoch']}).",
-            "The run was continued one epoch at a time after epoch 12 and stopped at the first epoch",
-            "whose final evaluation reached 99.5%, the target set for it: a stopping rule that looks at",
-            "the test set, so the final number is slightly optimistic (the per-epoch list shows how much",
-            "it moves from epoch to epoch). With the paper's slow learning-rate decay (0.96 every 2,000",
+            "The run was continued one epoch at a time after epoch 12, to stop at the first epoch whose",
+            "final evaluation reaches 99.5%, the target set for it: a stopping rule that looks at the test",
+            "set, so a final number chosen by it is slightly optimistic (the per-epoch list shows how much",
+            "it moves from epoch to epoch).",
+            (
+                "It reached the target after the last epoch listed."
+                if final["accuracy"] >= TARGET
+                else "It has not reached the target yet; the checkpoint is kept to continue it."
+            ),
+            "With the paper's slow learning-rate decay (0.96 every 2,000",
             f"steps) the rate is still {lr_left:.0%} of its start. The paper reports 0.25% error and",
             "careful re-implementations 0.30-0.36% after much longer training. Continue the run with",
             "`--resume --epochs N` from its checkpoint (not committed: 98 MB), or train the `paper`",
