@@ -50,8 +50,8 @@ def section() -> str:
             f"steps) the rate is still {lr_left:.0%} of its start. The paper reports 0.25% error and",
             "careful re-implementations 0.30-0.36% after much longer training. Continue the run with",
             "`--resume --epochs N` from its checkpoint (not committed: 98 MB), or train the `paper`",
-            "profile on a GPU. `capsnet.load_reference()` loads the weights and the record (chapters 9",
-            "and 10 use it), and `python -m capsnet evaluate runs/mnist-reference/weights-fp16.pt`",
+            "profile on a GPU. `capsnet.load_reference()` loads the weights and the record (chapters 9 to",
+            "13 use it), and `python -m capsnet evaluate runs/mnist-reference/weights-fp16.pt`",
             "reproduces the accuracy.",
         ]
     )
