@@ -75,15 +75,20 @@ def two_digit_loss(
     return loss, lengths, recons
 
 
+def _on(data: MultiMNIST, device: torch.device) -> MultiMNIST:
+    """The same pairs on ``device`` (moved once, not at every epoch)."""
+    return MultiMNIST(*(tensor.to(device) for tensor in data))
+
+
 def _batches(data: MultiMNIST, batch_size: int, device: torch.device, shuffle: bool, seed: int, epoch: int):
-    """Epoch ``epoch``'s ``(images, labels, digits)`` batches on ``device``, floats in ``[0, 1]``."""
+    """Epoch ``epoch``'s ``(images, labels, digits)`` batches of ``data`` (already on ``device``),
+    floats in ``[0, 1]``."""
     index = DeviceBatches(
         data.images, torch.arange(len(data.labels)), batch_size, device, shuffle=shuffle, seed=seed
     )
     index.set_epoch(epoch)
-    labels, digits = data.labels.to(device), data.parts.to(device)
     for images, idx in index:
-        yield images, labels[idx], _float(digits[idx])
+        yield images, data.labels[idx], _float(data.parts[idx])
 
 
 @torch.no_grad()
@@ -94,6 +99,7 @@ def evaluate_two_digits(
     and ``digit_accuracy``: the fraction of the individual digits found among the top two."""
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
+    data = _on(data, device)
     was_training = model.training
     model.eval()
     both = found = n = 0
@@ -134,6 +140,8 @@ def fit_two_digits(
     precision = resolve_precision(precision, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    train = _on(train, device)
+    test = _on(test, device) if test is not None else None
     history = []
     for epoch in range(epochs):
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
