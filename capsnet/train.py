@@ -404,17 +404,22 @@ def _subset(images: torch.Tensor, labels: torch.Tensor, size: int, seed: int):
     return images[idx], labels[idx]
 
 
+def _digits(config: TrainConfig, split: str, root: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels a run draws from ``split`` of its source data set (MNIST for a
+    generated data set): ``train_size`` / ``test_size`` of them, chosen with the run's seed."""
+    source = "mnist" if config.dataset in GENERATED else config.dataset
+    data = load_dataset(source, split, root)
+    if split == "train":
+        return _subset(data.images, data.labels, config.train_size, config.seed)
+    return _subset(data.images, data.labels, config.test_size, config.seed + 1)
+
+
 def make_data(
     config: TrainConfig, device: torch.device, root: str | Path | None = None
 ) -> tuple[DeviceBatches, DeviceBatches]:
     """Training batches (shuffled, shifted) and test batches for a resolved ``config``."""
-    generated = config.dataset in GENERATED
-    source = "mnist" if generated else config.dataset
-    train_split = load_dataset(source, "train", root)
-    test_split = load_dataset(source, "test", root)
-    train_data = _subset(train_split.images, train_split.labels, config.train_size, config.seed)
-    test_data = _subset(test_split.images, test_split.labels, config.test_size, config.seed + 1)
-    if generated:
+    train_data, test_data = _digits(config, "train", root), _digits(config, "test", root)
+    if config.dataset in GENERATED:
         train_data = _generate(config.dataset, *train_data, seed=config.seed)
         test_data = _generate(config.dataset, *test_data, seed=config.seed + 1)
     train = DeviceBatches(
@@ -436,8 +441,7 @@ def make_more_tests(
     ``translated-mnist``), made from the same test digits as its test split; else ``{}``."""
     if config.dataset not in GENERATED:
         return {}
-    split = load_dataset("mnist", "test", root)
-    digits = _subset(split.images, split.labels, config.test_size, config.seed + 1)
+    digits = _digits(config, "test", root)
     return {
         name: DeviceBatches(*_generate(name, *digits, seed=config.seed + 2), 256, device)
         for name in GENERATED[config.dataset].more_tests
