@@ -50,7 +50,7 @@ from .layers import conv_output_size
 from .models import CapsNet
 from .train import batch_loss
 
-__all__ = ["benchmark", "flops_per_image", "format_table", "main", "matmul_gflops"]
+__all__ = ["benchmark", "flops_per_image", "format_table", "layer_multiply_adds", "main", "matmul_gflops"]
 
 # Peak training memory is also reported at this batch size, the one the memory target is set for.
 MEMORY_BATCH_SIZE = 100
@@ -66,6 +66,32 @@ def _conv_macs(conv: nn.Conv2d, side: int) -> tuple[int, int]:
     out_side = conv_output_size(side, conv.kernel_size[0], conv.stride[0])
     kernel = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
     return out_side * out_side * conv.out_channels * kernel, out_side
+
+
+def layer_multiply_adds(model: nn.Module, input_size: int, in_channels: int = 1) -> list[int]:
+    """Multiply-adds per image of every ``Conv2d`` and ``Linear`` layer of ``model``, in the order a
+    forward pass on one ``(in_channels, input_size, input_size)`` image calls them (counted with
+    forward hooks, so any CNN works; CapsNet's predictions and routing are not such layers)."""
+    counts: list[int] = []
+
+    def count(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            per_output = module.in_features
+        counts.append(output[0].numel() * per_output)
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [layer.register_forward_hook(count) for layer in layers]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_channels, input_size, input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return counts
 
 
 def flops_per_image(model: CapsNet) -> dict[str, Any]:

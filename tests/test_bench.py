@@ -76,3 +76,16 @@ def test_bench_writes_json_with_the_documented_keys(monkeypatch, tmp_path, capsy
 def test_bench_rejects_empty_runs() -> None:
     with pytest.raises(ValueError, match="steps must be >= 1"):
         bench.benchmark(batch_size=2, steps=0, device="cpu")
+
+
+def test_layer_multiply_adds_counts_convolutions_and_linear_layers():
+    from torch import nn
+
+    from capsnet.bench import layer_multiply_adds
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).train()
+    # conv: 6x6 outputs x 4 channels x 3x3 kernel; linear: 144 x 5
+    assert layer_multiply_adds(model, 8) == [6 * 6 * 4 * 9, 144 * 5]
+    assert model.training  # the mode is restored
+    capsnet_convs = layer_multiply_adds(CapsNet(decoder=False), 28)
+    assert capsnet_convs == [20 * 20 * 256 * 81, 6 * 6 * 256 * 256 * 81]
