@@ -56,7 +56,7 @@ def test_length_is_monotone_in_input_length() -> None:
     lengths = capsule_length(squash(radii[:, None] * direction))
     assert (lengths.diff() > 0).all()
     # Short vectors shrink to about |s|^2, long ones approach unit length from below.
-    assert lengths[0] == pytest.approx(radii[0] ** 2, rel=1e-6)
+    assert float(lengths[0]) == pytest.approx(float(radii[0]) ** 2, rel=1e-6)
     assert 1 - 1e-5 < lengths[-1] < 1
 
 
