@@ -20,26 +20,38 @@ def default_device() -> torch.device:
 
 
 def _cpu_has_bf16() -> bool:
+    """True where oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), not by emulation."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """Turn ``"auto"`` into the mixed precision this device runs fast, and check the others.
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
-    ``auto``: bf16 on CUDA cards that support it, else fp16; bf16 on CPUs with native bf16
-    instructions (AVX512-BF16 or AMX), else fp32.
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn ``"auto"`` into the precision this device runs fast, and check the others.
+
+    ``auto`` picks bf16 only where the hardware computes it natively: CUDA cards of compute
+    capability 8.0 or newer (A100, RTX 30xx, H100, ...) and CPUs with AVX512-BF16 or AMX. Older
+    CUDA cards (T4 7.5, V100 7.0, P100 6.0) get fp16, trained with gradient scaling
+    (``torch.amp.GradScaler``); other CPUs get fp32. (``torch.cuda.is_bf16_supported()`` is not
+    asked: it also says yes where bf16 is only emulated, as on a T4, where it is slow.)
+
+    Raises:
+        ValueError: an unknown precision, or fp16 on the CPU (autocast has no fast fp16 path
+            there).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if _cuda_capability(device) >= (8, 0) else "fp16"
         return "bf16" if device.type == "cpu" and _cpu_has_bf16() else "fp32"
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("fp16 autocast is for CUDA; on the CPU use bf16 or fp32")
+        raise ValueError("fp16 autocast is for CUDA; on the CPU use bf16 or fp32 (or auto)")
     return precision
 
 

@@ -57,15 +57,17 @@ def fixed_couplings(
 
     ``uniform``: every child sends ``1 / n_parents`` of its output to every parent (what one
     routing iteration gives). ``random``: per example and child, a softmax over standard-normal
-    logits, drawn from ``generator`` if given. Shape ``(batch, in_caps, out_caps)``.
+    logits, drawn from ``generator`` if given (on the generator's device: a CPU generator draws on
+    the CPU, so a seeded run gives the same couplings on every device). Shape
+    ``(batch, in_caps, out_caps)``.
     """
     batch, in_caps, out_caps, _ = u_hat.shape
     if mode == "uniform":
         return u_hat.new_full((batch, in_caps, out_caps), 1.0 / out_caps)
     if mode == "random":
-        logits = torch.randn((batch, in_caps, out_caps), generator=generator, device="cpu").to(
-            device=u_hat.device, dtype=u_hat.dtype
-        )
+        source = generator.device if generator is not None else u_hat.device
+        logits = torch.randn((batch, in_caps, out_caps), generator=generator, device=source)
+        logits = logits.to(device=u_hat.device, dtype=u_hat.dtype)
         return logits.softmax(dim=-1)
     raise ValueError(f"fixed coupling mode must be 'uniform' or 'random', got {mode!r}")
 

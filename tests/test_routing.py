@@ -202,3 +202,23 @@ def test_without_squash_the_parents_are_the_weighted_sums():
     for coupling in ("uniform", "random"):
         v, c = dynamic_routing(u_hat, coupling=coupling, squashed=False, generator=torch.Generator())
         assert torch.allclose(v, torch.einsum("bij,bijd->bjd", c, u_hat))
+
+
+def test_random_couplings_are_drawn_on_the_generators_device(monkeypatch) -> None:
+    # A CUDA generator cannot draw CPU numbers (and vice versa): the draw must happen where the
+    # generator lives, whatever device the predictions are on. Checked on the CPU by recording
+    # the device torch.randn is asked for.
+    u_hat = random_predictions((2, 5, 3, 4), seed=7)
+    asked = []
+    randn = torch.randn
+
+    def recording_randn(*args, **kwargs):
+        asked.append(torch.device(kwargs.get("device") or "cpu"))
+        return randn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", recording_randn)
+    first = fixed_couplings(u_hat, "random", torch.Generator().manual_seed(0))
+    again = fixed_couplings(u_hat, "random", torch.Generator().manual_seed(0))
+    assert asked == [torch.device("cpu")] * 2
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    torch.testing.assert_close(first.sum(dim=-1), torch.ones(2, 5, dtype=u_hat.dtype))
