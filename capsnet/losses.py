@@ -3,34 +3,64 @@ loss of Hinton, Sabour & Frosst 2018 (matrix capsules)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["margin_loss", "reconstruction_loss", "as_target_mask", "spread_loss", "spread_loss_margin"]
+
+
+def _require(condition: torch.Tensor, message: str, details: Callable[[], str]) -> None:
+    """Raise ``ValueError(message, details())`` unless the 0-d bool tensor ``condition`` holds,
+    without waiting for the device (no ``.item()``, ``int()`` or ``bool()`` on a tensor).
+
+    On the CPU the check is immediate and ``details()`` (which may read tensors: only on failure)
+    completes the message. On an accelerator it is a device-side assertion: the training step
+    goes on at full speed, and the next call that waits for the device reports ``message``.
+    """
+    try:
+        torch._assert_async(condition, message)
+    except RuntimeError as err:  # raised at once where the check runs on the host
+        raise ValueError(f"{message}, {details()}") from err
 
 
 def as_target_mask(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Turn labels into a ``(batch, num_classes)`` 0/1 float mask ``T_k``.
 
     ``target`` is either class indices of shape ``(batch,)`` or, for inputs with several objects
-    (MultiMNIST), a 0/1 mask of shape ``(batch, num_classes)`` already.
+    (MultiMNIST), a 0/1 mask of shape ``(batch, num_classes)`` already. Labels outside
+    ``[0, num_classes)`` and masks holding other values than 0 and 1 are refused (see
+    :func:`_require`: checked without a host-device synchronisation).
     """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.dim() == 1:
         if target.is_floating_point() or target.dtype == torch.bool:
             raise TypeError(f"class indices must be an integer tensor, got dtype {target.dtype}")
-        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {num_classes - 1}], "
-                f"got values from {int(target.min())} to {int(target.max())}"
-            )
+        _require(
+            ((target >= 0) & (target < num_classes)).all(),
+            f"labels must lie in [0, {num_classes - 1}]",
+            lambda: f"got values from {int(target.min())} to {int(target.max())}",
+        )
         return torch.nn.functional.one_hot(target.long(), num_classes).float()
     if target.dim() == 2 and target.shape[1] == num_classes:
+        if target.dtype != torch.bool:
+            _require(
+                ((target == 0) | (target == 1)).all(),
+                "a target mask must hold only 0 and 1",
+                lambda: f"got {target[(target != 0) & (target != 1)][0].item()!r}",
+            )
         return target.float()
     raise ValueError(
         f"target must be class indices of shape (batch,) or a mask of shape (batch, {num_classes}), "
         f"got shape {tuple(target.shape)}"
     )
+
+
+def _batch_mean(per_example: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch of ``(batch,)`` per-example losses; 0 for an empty batch (where a
+    plain mean is NaN), still connected to the graph."""
+    return per_example.mean() if per_example.shape[0] else per_example.sum()
 
 
 def margin_loss(
@@ -54,7 +84,7 @@ def margin_loss(
             capsules are not pushed towards zero together.
 
     Returns:
-        A scalar tensor.
+        A scalar tensor (0 for an empty batch).
     """
     if lengths.dim() != 2:
         raise ValueError(f"lengths must have shape (batch, num_classes), got {tuple(lengths.shape)}")
@@ -63,7 +93,7 @@ def margin_loss(
         raise ValueError(f"target has {t.shape[0]} examples but lengths has {lengths.shape[0]}")
     present = t * (m_pos - lengths).clamp_min(0).square()
     absent = lam * (1.0 - t) * (lengths - m_neg).clamp_min(0).square()
-    return (present + absent).sum(dim=1).mean()
+    return _batch_mean((present + absent).sum(dim=1))
 
 
 def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -75,15 +105,17 @@ def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> 
     Args:
         reconstructions: decoder output, shape ``(batch, pixels)`` or the images' shape.
         images: the inputs, shape ``(batch, channels, height, width)``.
+
+    Returns:
+        A scalar tensor (0 for an empty batch).
     """
-    flat_images = images.reshape(images.shape[0], -1)
-    flat_recon = reconstructions.reshape(reconstructions.shape[0], -1)
+    flat_images, flat_recon = images.flatten(1), reconstructions.flatten(1)
     if flat_images.shape != flat_recon.shape:
         raise ValueError(
             f"reconstructions have {tuple(flat_recon.shape)} values per batch but images have "
             f"{tuple(flat_images.shape)}"
         )
-    return (flat_recon - flat_images.to(flat_recon.dtype)).square().sum(dim=1).mean()
+    return _batch_mean((flat_recon - flat_images.to(flat_recon.dtype)).square().sum(dim=1))
 
 
 def spread_loss(activations: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
@@ -100,7 +132,7 @@ def spread_loss(activations: torch.Tensor, target: torch.Tensor, margin: float) 
         margin: ``m``, a number in ``[0, 1]``.
 
     Returns:
-        A scalar tensor.
+        A scalar tensor (0 for an empty batch).
     """
     if not isinstance(activations, torch.Tensor) or not activations.is_floating_point():
         raise TypeError(f"activations must be a floating point torch.Tensor, got {activations!r:.80}")
@@ -116,7 +148,7 @@ def spread_loss(activations: torch.Tensor, target: torch.Tensor, margin: float) 
         raise ValueError(f"target has {wrong.shape[0]} examples but activations has {activations.shape[0]}")
     a_target = activations.gather(1, target.long().unsqueeze(1))  # (batch, 1)
     shortfall = (margin - (a_target - activations)).clamp_min(0).square()
-    return (wrong * shortfall).sum(dim=1).mean()
+    return _batch_mean((wrong * shortfall).sum(dim=1))
 
 
 def spread_loss_margin(step: int, ramp_steps: int, start: float = 0.2, end: float = 0.9) -> float:

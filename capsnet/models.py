@@ -149,8 +149,12 @@ class CapsNet(nn.Module):
     def encode(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images -> class capsules ``v`` ``(batch, classes, class_dim)`` and couplings ``c``."""
+        """Images -> class capsules ``v`` ``(batch, classes, class_dim)`` and couplings ``c``
+        ``(batch, primary_caps, classes)``; an empty batch gives empty ones."""
         check_images(x, self.in_channels, self.input_size)
+        if x.shape[0] == 0:  # the capsule layers cannot reshape an empty batch
+            caps = self.digit
+            return x.new_zeros(0, caps.out_caps, caps.out_dim), x.new_zeros(0, caps.in_caps, caps.out_caps)
         u = self.primary(torch.relu(self.conv1(x)))
         return self.digit(u, generator)
 

@@ -3,12 +3,18 @@ under ``runs/`` (command, hardware, wall time, per-epoch metrics, final test acc
 weights). Chapters load them instead of training for hours.
 
 In a checkout of the book's repository the files are read from ``runs/``; where the package was
-installed without the repository (Colab) they are downloaded once into the user cache.
+installed without the repository (Colab) they are downloaded once into the user cache, from
+:data:`RUNS_URL` or, when set, ``$CAPSNET_RUNS_URL`` (any URL urllib opens, ``file://`` included: a
+local mirror of ``runs/``).
+
+Models are loaded onto the CPU unless a device is asked for: chapters read them, and reading
+needs no GPU. Move a model with ``.to(device)`` and its inputs with it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +25,17 @@ from .data import DownloadError, cache_dir, download_file
 from .sweeps import sweep_runs
 from .train import load_trained
 
-__all__ = ["REFERENCE_RUNS", "RUNS_URL", "load_reference", "reference_record", "sweep_records"]
+__all__ = ["REFERENCE_RUNS", "RUNS_URL", "load_reference", "reference_record", "runs_url", "sweep_records"]
 
 RUNS_URL = "https://raw.githubusercontent.com/capsnet-book/capsnet-book/main/runs/"
+RUNS_URL_VARIABLE = "CAPSNET_RUNS_URL"
+
+
+def runs_url() -> str:
+    """Where recorded runs are downloaded from: ``$CAPSNET_RUNS_URL`` if set, else :data:`RUNS_URL`
+    (always ending in ``/``)."""
+    url = os.environ.get(RUNS_URL_VARIABLE) or RUNS_URL
+    return url if url.endswith("/") else url + "/"
 REFERENCE_RUNS = ("mnist-reference",)
 _RECORD_FILES = ("run.json", "metrics.jsonl")
 _FILES = (*_RECORD_FILES, "weights-fp16.pt")
@@ -47,11 +61,12 @@ def _run_dir(
         if not download:
             raise FileNotFoundError(f"reference run {name} is neither in {checkout} nor in {cached}")
         try:
-            download_file([f"{RUNS_URL}{name}/{file}"], cached / file)
+            download_file([f"{runs_url()}{name}/{file}"], cached / file)
         except DownloadError as err:
             raise FileNotFoundError(
                 f"reference run {name}: {file} is not in {checkout} and could not be downloaded ({err}). "
-                "Run the chapter from a checkout of the book's repository, or connect to the internet."
+                "Run the chapter from a checkout of the book's repository, connect to the internet, "
+                f"or set ${RUNS_URL_VARIABLE} to a copy of the repository's runs/ folder."
             ) from err
     return cached
 
@@ -102,7 +117,8 @@ def sweep_records(
 def load_reference(
     name: str = "mnist-reference", device: torch.device | str | None = None, download: bool = True
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The reference model (float32, eval mode, on ``device``) and its record.
+    """The reference model (float32, eval mode, on ``device``: the CPU unless one is given) and
+    its record.
 
     >>> model, record = load_reference()  # doctest: +SKIP
     >>> record["final"]["accuracy"]        # doctest: +SKIP

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsnet import margin_loss, reconstruction_loss
+from capsnet import margin_loss, reconstruction_loss, spread_loss
 from capsnet.losses import as_target_mask
 
 # L_k = T_k max(0, 0.9 - |v_k|)^2 + 0.5 (1 - T_k) max(0, |v_k| - 0.1)^2, summed over k.
@@ -127,3 +127,23 @@ def test_scaled_reconstruction_loss_equals_0392_mse() -> None:
 def test_reconstruction_loss_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError, match=r"reconstructions have \(2, 784\).*images have \(2, 1296\)"):
         reconstruction_loss(torch.zeros(2, 784), torch.zeros(2, 1, 36, 36))
+
+
+@pytest.mark.parametrize("bad", [2.0, 0.5, -1.0])
+def test_masks_with_values_other_than_0_and_1_raise(bad: float) -> None:
+    mask = torch.tensor([[1.0, 0.0, 0.0], [0.0, bad, 1.0]])
+    with pytest.raises(ValueError, match=rf"mask must hold only 0 and 1, got {bad}"):
+        margin_loss(lengths(LENGTHS_A, LENGTHS_B), mask)
+    with pytest.raises(ValueError, match="only 0 and 1, got 3"):
+        as_target_mask(torch.tensor([[0, 3, 0]]), 3)
+
+
+def test_losses_of_an_empty_batch_are_zero_not_nan() -> None:
+    empty_lengths = torch.zeros(0, 3, requires_grad=True)
+    loss = margin_loss(empty_lengths, torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0.0
+    loss.backward()  # still part of the graph
+    assert empty_lengths.grad.shape == (0, 3)
+    assert margin_loss(empty_lengths, torch.zeros(0, 3)).item() == 0.0
+    assert reconstruction_loss(torch.zeros(0, 784), torch.zeros(0, 1, 28, 28)).item() == 0.0
+    assert spread_loss(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 0.2).item() == 0.0
