@@ -3,9 +3,11 @@ clear errors for missing, truncated, corrupted and foreign files, and the float1
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -16,7 +18,14 @@ import pytest
 import torch
 
 import capsnet
-from capsnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_fp16_weights
+from capsnet.checkpoint import (
+    CheckpointError,
+    SaveError,
+    load_checkpoint,
+    save_checkpoint,
+    save_fp16_weights,
+    write_atomically,
+)
 
 
 def _state(version: int, size: int = 1000) -> dict:
@@ -48,8 +57,16 @@ def test_new_checkpoints_follow_the_umask(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("interruption", [OSError("disk full"), KeyboardInterrupt()])
-def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, interruption):
+INTERRUPTIONS = {
+    "disk-full": OSError(errno.ENOSPC, "No space left on device"),
+    "torch-disk-full": RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"),
+    "ctrl-c": KeyboardInterrupt(),
+}
+
+
+@pytest.mark.parametrize("case", INTERRUPTIONS)
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, case):
+    interruption = INTERRUPTIONS[case]
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, _state(1))
     real_save = torch.save
@@ -63,8 +80,12 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, i
         raise interruption  # ...then the disk fills up or the user presses Ctrl-C
 
     monkeypatch.setattr(torch, "save", half_then_fail)
-    with pytest.raises(type(interruption)):
-        save_checkpoint(path, _state(2))
+    if isinstance(interruption, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(path, _state(2))
+    else:  # one message that says what happened and that the old checkpoint is kept
+        with pytest.raises(SaveError, match=r"\(the disk is full\); its previous version is kept"):
+            save_checkpoint(path, _state(2))
     monkeypatch.undo()
     _assert_version(load_checkpoint(path), 1)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
@@ -173,3 +194,42 @@ def test_fp16_weights_keep_integer_buffers(tmp_path):
     state = load_checkpoint(save_fp16_weights(tmp_path / "w.pt", model, {}))
     assert state["model"]["num_batches_tracked"].dtype == torch.int64
     assert state["model"]["running_mean"].dtype == torch.float16
+
+
+def test_the_folder_is_synced_after_the_rename(tmp_path, monkeypatch):
+    """The new name must reach the disk too: fsync of the folder, after os.replace."""
+    calls = []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda *a: (calls.append("replace"), real_replace(*a))[1])
+
+    def fsync(fd):
+        calls.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_atomically(tmp_path / "run.json", lambda f: f.write(b"{}\n"))
+    assert calls == ["fsync file", "replace", "fsync folder"]
+    assert (tmp_path / "run.json").read_bytes() == b"{}\n"
+
+
+def test_an_unwritable_place_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SaveError, match="could not write .*its previous version is kept"):
+        save_checkpoint(tmp_path / "file" / "checkpoint.pt", _state(1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, bad):
+    state = _state(1, 10)
+    state["model"]["w"][3] = bad
+    path = save_checkpoint(tmp_path / "checkpoint.pt", state)
+    with pytest.raises(CheckpointError, match="holds non-finite weights .* in w: it cannot be evaluated"):
+        load_checkpoint(path)
+    state["model"]["w"] = torch.ones(10, dtype=torch.int64)  # integer buffers are never NaN
+    load_checkpoint(save_checkpoint(path, state))
+
+
+def test_weights_that_are_not_tensors_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"model": {"w": [1.0, 2.0]}})
+    with pytest.raises(CheckpointError, match="'model' entry is not a set of weights"):
+        load_checkpoint(path)
