@@ -6,6 +6,7 @@ and refuses non-finite weights."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import uuid
@@ -55,6 +56,12 @@ def _save_error(path: Path, err: BaseException) -> SaveError:
     )
 
 
+def _remove(tmp: Path) -> None:
+    """Remove a temporary file, if there is one, without hiding the error being raised."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
 def write_atomically(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Write ``path`` with ``write(file)`` atomically: ``path`` holds either its old or its new
     content, never a part. The temporary file (``.NAME.<uuid>.tmp`` beside it) is removed on any
@@ -77,10 +84,10 @@ def write_atomically(path: str | Path, write: Callable[[IO[bytes]], object]) -> 
         os.replace(tmp, path)
         _sync_folder(path.parent)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise _save_error(path, err) from err
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     return path
 
