@@ -1,13 +1,15 @@
 """capsnet: capsule networks with dynamic routing (Sabour, Frosst & Hinton 2017) in PyTorch.
 
 Layers, bottom up: ``squashing`` and ``losses`` (tensor functions) -> ``routing`` ->
-``layers`` -> ``models`` -> ``train``, ``bench``, ``reference``, ``plotting`` -> ``cli``.
+``layers`` -> ``models`` -> ``train``, ``bench``, ``budget``, ``reference``, ``plotting`` -> ``cli``.
+``profiles`` (run sizes, and every chapter's sizes) stands below them all.
 ``multidigit`` (two overlapping digits) and ``sweeps`` (the recorded experiments) sit beside ``train``.
 ``data`` (and the toy ``faces``) stand apart and know nothing of models.
 Matrix capsules (Hinton, Sabour & Frosst 2018): ``routing_em`` sits beside ``routing``,
 ``matrix_capsules`` (layers and model) beside ``models``.
 """
 
+from . import budget
 from .layers import PrimaryCapsules, RoutingCapsules
 from .losses import margin_loss, reconstruction_loss, spread_loss, spread_loss_margin
 from .matrix_capsules import (
@@ -19,7 +21,7 @@ from .matrix_capsules import (
 )
 from .models import BaselineCNN, CapsNet, CapsNetOutput, Decoder
 from .plotting import use_book_style
-from .profiles import Profile, get_profile
+from .profiles import Profile, chapter_sizes, get_profile
 from .reference import load_reference
 from .routing import dynamic_routing, fixed_couplings
 from .routing_em import EMRoutingOutput, em_routing, em_routing_reference, inverse_temperatures
@@ -42,7 +44,9 @@ __all__ = [
     "PrimaryMatrixCapsules",
     "Profile",
     "RoutingCapsules",
+    "budget",
     "capsule_length",
+    "chapter_sizes",
     "dynamic_routing",
     "dynamic_routing_reference",
     "em_routing",

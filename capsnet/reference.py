@@ -36,6 +36,8 @@ def runs_url() -> str:
     (always ending in ``/``)."""
     url = os.environ.get(RUNS_URL_VARIABLE) or RUNS_URL
     return url if url.endswith("/") else url + "/"
+
+
 REFERENCE_RUNS = ("mnist-reference",)
 _RECORD_FILES = ("run.json", "metrics.jsonl")
 _FILES = (*_RECORD_FILES, "weights-fp16.pt")

@@ -20,7 +20,6 @@ from capsnet.checkpoint import CheckpointError, load_checkpoint
 from capsnet.data import DataError, DeviceBatches, locate_file
 from capsnet.hardware import _cpu_has_bf16, autocast, describe, resolve_precision
 from capsnet.losses import margin_loss, reconstruction_loss
-from capsnet.profiles import PROFILES, get_profile
 from capsnet.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -425,27 +424,6 @@ def test_load_trained_needs_a_run_configuration(tmp_path):
     _train("baseline", tmp_path, 1)  # no record: fit alone does not know how to rebuild the model
     with pytest.raises(ValueError, match="no run configuration"):
         load_trained(tmp_path / "checkpoint.pt", "cpu")
-
-
-# ----------------------------------------------------------------------------- profiles
-
-
-def test_get_profile_by_name_and_environment(monkeypatch):
-    assert get_profile("smoke") is PROFILES["smoke"]
-    assert get_profile("smoke").train_size == 512
-    monkeypatch.setenv("CAPSNET_PROFILE", "paper")
-    assert get_profile().name == "paper"
-    assert get_profile("cpu").name == "cpu"  # a name beats the environment
-    monkeypatch.delenv("CAPSNET_PROFILE")
-    assert get_profile().name == ("paper" if torch.cuda.is_available() else "cpu")
-
-
-def test_unknown_profile(monkeypatch):
-    with pytest.raises(ValueError, match="'tiny'.*smoke, cpu, paper"):
-        get_profile("tiny")
-    monkeypatch.setenv("CAPSNET_PROFILE", "gpu")
-    with pytest.raises(ValueError, match="'gpu'.*smoke, cpu, paper.*CAPSNET_PROFILE"):
-        get_profile()
 
 
 def test_train_config_takes_sizes_from_the_profile(monkeypatch):
