@@ -222,6 +222,38 @@ def test_chapter_ends_with_summary_and_exercises_with_hidden_solutions(entry):
     )
 
 
+def unclosed_directives(markdown: str) -> list[str]:
+    """Directives (``{admonition}``, ``{dropdown}``...) that an inner code fence closes early: a
+    backtick fence ends at the first line of at least as many backticks, so a solution fenced
+    with three backticks around a three-backtick code block ends at the code block's first fence
+    and shows the answer outside the dropdown."""
+    problems = []
+    lines = markdown.splitlines()
+    for start, line in enumerate(lines):
+        opening = re.match(r"^\s*(`{3,})\{(\w+)\}", line)
+        if not opening:
+            continue
+        fence = opening.group(1)
+        for inner in lines[start + 1 :]:
+            if re.match(r"^\s*`{3,}\s*$", inner):  # a closing fence, the directive's own
+                break
+            if re.match(
+                rf"^\s*`{{{len(fence)},}}\w", inner
+            ):  # a code block the directive's fence cannot hold
+                problems.append(f"{line.strip()} holds {inner.strip()}: fence it with more backticks")
+                break
+    return problems
+
+
+@pytest.mark.parametrize("entry", CHAPTERS)
+def test_solutions_and_admonitions_hold_their_code_blocks(entry):
+    nb = read_chapter(entry)
+    problems = [
+        p for cell in nb.cells if cell.cell_type == "markdown" for p in unclosed_directives(cell.source)
+    ]
+    assert not problems, problems
+
+
 # ---------------------------------------------------------------------------------------------
 # Front and back matter agree with the package and with each other
 
