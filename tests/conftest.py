@@ -13,6 +13,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "book_build: builds the HTML book with jupyter-book (about a minute); part of the default run, "
         "deselect with -m 'not book_build' while iterating",
     )
+    config.addinivalue_line(
+        "markers",
+        "colab_sim: runs every chapter in a simulated Colab (tools/colab_sim.py: minutes); part of the "
+        "default run, deselect with -m 'not colab_sim' while iterating",
+    )
 
 
 @pytest.fixture
