@@ -1,12 +1,20 @@
-"""Command line: ``python -m capsnet train | evaluate | bench``."""
+"""Command line: ``python -m capsnet train | evaluate | sweep | bench``.
+
+Every error a user can act on (an invalid option, a taken or busy run folder, a damaged
+checkpoint, missing or unreadable data, a full disk, a diverging run) is one line on stderr,
+without a traceback, and exit status 1; Ctrl-C is exit status 130 and says what was kept."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .data import DATASETS
 from .hardware import PRECISIONS
@@ -17,44 +25,59 @@ from .train import GENERATED, LOSSES
 
 __all__ = ["main"]
 
+# The options of `train` that set a TrainConfig field of the same name; the flags set a field to
+# False. Not given, they are None here, so a resumed run knows which options were given.
+_CONFIG_OPTIONS = (
+    *("dataset", "model", "profile", "epochs", "steps", "test_every", "batch_size", "train_size"),
+    *("test_size", "lr", "max_shift", "precision", "seed", "routing_iterations", "routing_gradient"),
+    *("coupling", "recon_weight", "loss"),
+)
+_FLAGS = {"no_decoder": "decoder", "no_squash": "squashed"}
+BENCH_MAX_STEPS = 10_000
+
+
+class Interrupted(Exception):
+    """Ctrl-C; the message says what was kept."""
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields set on the command line."""
+    given = {name: getattr(args, name) for name in _CONFIG_OPTIONS if getattr(args, name) is not None}
+    return given | {field: False for flag, field in _FLAGS.items() if getattr(args, flag)}
+
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, export_weights, run
+    from .run_folder import RunFolder
+    from .train import TrainConfig, checked_config, export_weights, parse_device, run
 
-    config = TrainConfig(
-        dataset=args.dataset,
-        model=args.model,
-        profile=args.profile,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        train_size=args.train_size,
-        test_size=args.test_size,
-        lr=args.lr,
-        recon_weight=args.recon_weight,
-        max_shift=args.max_shift,
-        precision=args.precision,
-        seed=args.seed,
-        routing_iterations=args.routing_iterations,
-        routing_gradient=args.routing_gradient,
-        coupling=args.coupling,
-        decoder=not args.no_decoder,
-        loss=args.loss,
-        squashed=not args.no_squash,
-        steps=args.steps,
-        test_every=args.test_every,
-    )
-    out = Path(args.out) if args.out else Path("runs") / f"{args.dataset}-{args.model}-seed{args.seed}"
+    given = _given(args)
+    config = TrainConfig(**given)
+    device = parse_device(args.device)
+    if not args.resume:  # every option is checked before the folder is touched
+        config = checked_config(config, device)
+    out = Path(args.out) if args.out else Path("runs") / f"{config.dataset}-{config.model}-seed{config.seed}"
     command = "python -m capsnet " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    run(
-        config,
-        out,
-        resume=args.resume,
-        device=args.device,
-        data_root=args.data,
-        progress=not args.quiet,
-        command=command,
-    )
-    final = export_weights(out, args.data)
+    folder = RunFolder(out)
+    try:
+        with folder.hold():  # through training and export: no other process can use the folder
+            run(
+                config,
+                out,
+                resume=args.resume,
+                device=device,
+                data_root=args.data,
+                progress=not args.quiet,
+                command=command,
+                explicit=given,
+            )
+            final = export_weights(out, args.data)
+    except KeyboardInterrupt:
+        kept = (
+            f"the last checkpoint in {out} is kept: continue with --out {out} --resume"
+            if folder.checkpoint.exists()
+            else "no epoch had finished, so nothing was saved"
+        )
+        raise Interrupted(f"interrupted; {kept}") from None
     print(
         f"{out}: test accuracy {final['accuracy']:.4%} (error {final['error']:.2f}%) "
         f"on {final['test_images']} images, weights in {out / final['weights']}"
@@ -63,23 +86,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, evaluate, load_trained, make_data
+    from .checkpoint import load_checkpoint
+    from .run_folder import strict_json
+    from .train import checked_config, config_of, evaluate, load_trained, make_data, parse_device
 
-    model, record = load_trained(args.checkpoint, args.device)
-    config = TrainConfig(**record["config"])
+    device = parse_device(args.device)
+    config = config_of(load_checkpoint(args.checkpoint), args.checkpoint)  # before a model is built
+    config = checked_config(replace(config, precision=args.precision), device)
     if args.full_test_set:
-        config = TrainConfig(**{**record["config"], "test_size": 0})
-    _, test = make_data(config, next(model.parameters()).device, args.data)
+        config = replace(config, test_size=0)
+    model, _ = load_trained(args.checkpoint, device)
+    _, test = make_data(config, device, args.data)
     result = evaluate(
         model,
         test,
-        precision=args.precision,
+        precision=config.precision,
         recon_weight=config.recon_weight,
         loss=config.loss,
         progress=not args.quiet,
     )
     result["test_images"] = len(test.labels)
-    print(json.dumps(result, indent=2))
+    print(strict_json(result, indent=2))
     return 0
 
 
@@ -93,7 +120,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
+    from .train import MAX_BATCH_SIZE, ConfigError, parse_device
 
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise ConfigError(f"--batch-size must be from 1 to {MAX_BATCH_SIZE:,}, got {args.batch_size}")
+    if not 1 <= args.steps <= BENCH_MAX_STEPS:
+        raise ConfigError(f"--steps must be from 1 to {BENCH_MAX_STEPS:,}, got {args.steps}")
+    parse_device(args.device)
     return bench_main(args)
 
 
@@ -113,15 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--dataset",
         choices=sorted({*DATASETS, *GENERATED}),
-        default="mnist",
         help="data set (default mnist); translated-mnist: MNIST digits placed at random on 40x40, "
         "also tested on an affNIST-style set (the paper's section 5.2)",
     )
-    t.add_argument("--model", choices=sorted(MODELS), default="capsnet", help="model (default capsnet)")
+    t.add_argument("--model", choices=sorted(MODELS), help="model (default capsnet)")
     t.add_argument(
         "--profile",
         choices=sorted(PROFILES),
-        default=None,
         help="run size: smoke (seconds), cpu (minutes), paper (GPU); default: "
         "$CAPSNET_PROFILE, else paper on CUDA and cpu otherwise",
     )
@@ -138,48 +169,48 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--test-every",
         type=int,
-        default=1,
         help="evaluate on the test set every N epochs and after the last (default 1)",
     )
     t.add_argument("--batch-size", type=int, help="batch size (default: the profile's)")
     t.add_argument("--train-size", type=int, help="training examples, 0 = all (default: the profile's)")
     t.add_argument("--test-size", type=int, help="test examples, 0 = all (default: the profile's)")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    t.add_argument("--max-shift", type=int, default=2, help="random shift in pixels (default 2)")
+    t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    t.add_argument(
+        "--max-shift", type=int, help="random shift in pixels (default 2; at most a quarter of the image)"
+    )
     t.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="auto",
         help="auto: bf16/fp16 mixed precision where the device is fast at it, else fp32",
     )
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    t.add_argument("--routing-iterations", type=int, default=3, help="routing iterations (default 3)")
+    t.add_argument("--seed", type=int, help="random seed (default 0)")
+    t.add_argument("--routing-iterations", type=int, help="routing iterations (default 3)")
     t.add_argument(
         "--routing-gradient",
         choices=["last", "all"],
-        default="last",
         help="backpropagate through the last routing iteration only, or all (default last)",
     )
     t.add_argument(
         "--coupling",
         choices=["dynamic", "uniform", "random"],
-        default="dynamic",
         help="dynamic routing, or fixed couplings for ablations (default dynamic)",
     )
-    t.add_argument("--no-decoder", action="store_true", help="train without the reconstruction decoder")
+    t.add_argument(
+        "--no-decoder", action="store_true", default=None, help="train without the reconstruction decoder"
+    )
     t.add_argument(
         "--recon-weight",
         type=float,
-        default=5e-4,
         help="weight of the summed squared reconstruction error (default 0.0005)",
     )
     t.add_argument(
         "--loss",
         choices=LOSSES,
-        default="margin",
         help="CapsNet's class loss: margin (the paper) or cross_entropy on the capsule lengths",
     )
-    t.add_argument("--no-squash", action="store_true", help="ablation: capsules without the squash")
+    t.add_argument(
+        "--no-squash", action="store_true", default=None, help="ablation: capsules without the squash"
+    )
     t.add_argument("--out", help="run folder (default runs/DATASET-MODEL-seedSEED)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
@@ -229,18 +260,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(err: OSError) -> str:
+    """An operating system's error as one line that says what to do."""
+    if err.filename is None:  # capsnet's own, e.g. FileExistsError for a taken run folder
+        return str(err)
+    advice = {
+        errno.ENOSPC: "the disk is full: free some space",
+        errno.EACCES: "check its permissions",
+        errno.EPERM: "check its permissions",
+    }.get(err.errno, "check the path")
+    return f"{err.filename}: {err.strerror}; {advice}"
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, MemoryError | torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command in ``argv`` (default ``sys.argv[1:]``); returns the exit status. Errors the
-    user can act on (a taken run folder, a damaged checkpoint, missing data, a diverging run) are
-    printed as one line, without a traceback, with exit status 1."""
+    user can act on (an invalid option, a taken or busy run folder, a damaged checkpoint, missing
+    or unreadable data, a full disk, too little memory, a diverging run) are printed as one line,
+    without a traceback, with exit status 1; Ctrl-C gives exit status 130."""
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .train import NonFiniteLossError
+    from .run_folder import RunFolderError
+    from .sweeps import SweepError
+    from .train import ConfigError, NonFiniteLossError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"{parser.prog} {args.command}"
     try:
         return args.func(args)
-    except (CheckpointError, DataError, NonFiniteLossError, FileExistsError, FileNotFoundError) as err:
-        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except Interrupted as err:
+        message, status = f"{prefix}: {err}", 130
+    except KeyboardInterrupt:
+        message, status = f"{prefix}: interrupted", 130
+    except (CheckpointError, ConfigError, DataError, NonFiniteLossError, RunFolderError, SweepError) as err:
+        message, status = f"{prefix}: error: {err}", 1
+    except OSError as err:
+        message, status = f"{prefix}: error: {_os_error(err)}", 1
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        message, status = f"{prefix}: error: out of memory; try a smaller --batch-size", 1
+    print(" ".join(message.split()), file=sys.stderr)  # one line, whatever the message held
+    return status

@@ -18,7 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["SWEEPS", "SEEDS", "run_sweep", "sweep_runs"]
+from .train import ConfigError
+
+__all__ = ["SWEEPS", "SEEDS", "SweepError", "run_sweep", "sweep_runs"]
 
 SEEDS = (0, 1)
 
@@ -64,10 +66,14 @@ SWEEPS: dict[str, dict[str, list[str]]] = {
 }
 
 
+class SweepError(RuntimeError):
+    """A run of a sweep failed; its own error was printed above this one."""
+
+
 def sweep_runs(name: str) -> dict[str, list[str]]:
     """The runs of sweep ``name``: run name -> command-line options of ``python -m capsnet train``."""
     if name not in SWEEPS:
-        raise ValueError(f"unknown sweep {name!r}: choose one of {', '.join(SWEEPS)}")
+        raise ConfigError(f"unknown sweep {name!r}: choose one of {', '.join(SWEEPS)}")
     return SWEEPS[name]
 
 
@@ -79,11 +85,17 @@ def _finished(folder: Path) -> bool:
 def run_sweep(name: str, root: str | Path = "runs", only: list[str] | None = None) -> list[str]:
     """Run the unfinished runs of sweep ``name`` (or just those in ``only``) into ``root/name``;
     returns the names of the runs it trained. Each run is a ``python -m capsnet train`` process,
-    so its ``run.json`` records the exact command."""
+    so its ``run.json`` records the exact command. A run with a checkpoint is resumed (however it
+    was interrupted: see :mod:`capsnet.run_folder`).
+
+    Raises:
+        ConfigError: an unknown sweep or run.
+        SweepError: a run failed; the sweep stops there, and running it again resumes that run.
+    """
     runs = sweep_runs(name)
     unknown = sorted(set(only or ()) - set(runs))
     if unknown:
-        raise ValueError(f"sweep {name} has no run {', '.join(unknown)}; its runs: {', '.join(runs)}")
+        raise ConfigError(f"sweep {name} has no run {', '.join(unknown)}; its runs: {', '.join(runs)}")
     trained = []
     for run, args in runs.items():
         folder = Path(root) / name / run
@@ -92,6 +104,12 @@ def run_sweep(name: str, root: str | Path = "runs", only: list[str] | None = Non
         resume = ["--resume"] if (folder / "checkpoint.pt").is_file() else []
         command = [sys.executable, "-m", "capsnet", "train", *args, "--out", str(folder), *resume, "--quiet"]
         print(f"sweep {name}: {run}", flush=True)
-        subprocess.run(command, check=True, env=os.environ.copy())
+        try:
+            subprocess.run(command, check=True, env=os.environ.copy())
+        except subprocess.CalledProcessError as err:
+            raise SweepError(
+                f"sweep {name}: run {run} failed (exit status {err.returncode}, its error is above); fix the "
+                "cause and run the sweep again: finished runs are skipped and this one resumes"
+            ) from err
         trained.append(run)
     return trained

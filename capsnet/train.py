@@ -6,47 +6,60 @@ summed squared reconstruction error, random shifts of up to 2 pixels, batch 128.
 is trained with cross-entropy on the same data.
 
 A run written to ``out_dir`` holds ``checkpoint.pt`` (rewritten atomically after every epoch),
-``metrics.jsonl`` (one JSON line per epoch) and ``run.json`` (configuration, hardware, wall time).
-``resume=True`` continues from the checkpoint exactly: same weights, optimiser state, learning
-rate, random state and data order as an uninterrupted run.
+``metrics.jsonl`` (one JSON line per epoch) and ``run.json`` (configuration, hardware, wall time);
+:mod:`capsnet.run_folder` keeps that folder consistent and safe. ``resume=True`` continues from the
+checkpoint exactly: same weights, optimiser state, learning rate, random state and data order as
+an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Collection
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint, save_fp16_weights
+from .checkpoint import CheckpointError, load_checkpoint, save_fp16_weights
 from .data import DATASETS, DeviceBatches, affnist_style, load_dataset, translated_mnist
-from .hardware import autocast, default_device, describe, resolve_precision
+from .hardware import PRECISIONS, autocast, default_device, describe, resolve_precision
 from .losses import margin_loss, reconstruction_loss
-from .models import CapsNet, build_model
+from .models import MODELS, CapsNet, build_model
 from .profiles import get_profile
+from .routing import CouplingMode, GradientMode
+from .run_folder import RunFolder, strict_json
 
 __all__ = [
+    "ConfigError",
     "NonFiniteLossError",
+    "RESUMABLE",
     "TrainConfig",
     "batch_loss",
+    "checked_config",
+    "config_of",
     "evaluate",
     "export_weights",
     "fit",
     "load_trained",
     "make_data",
     "make_more_tests",
+    "parse_device",
     "run",
 ]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ConfigError(ValueError):
+    """Invalid options for a run: the message names the option, what it allows and what it got."""
 
 
 LOSSES = ("margin", "cross_entropy")
@@ -121,9 +134,71 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`_rng_state`'s states. PyTorch takes them as CPU byte tensors only, whatever
+    device trained the run: a checkpoint is loaded to the CPU, and they are kept there."""
+    torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = [s.to("cpu", torch.uint8) for s in state["cuda"]]
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+class _HostValue:
+    """Reads a scalar that lives on the device without making the host wait for the device.
+
+    On the CPU :meth:`read` returns the value at once (reading it costs nothing). On CUDA it
+    starts an asynchronous copy to the host and returns the copy an earlier call started, once it
+    has arrived (``None`` until then): a progress bar shows a value a few steps old, and no
+    training step waits for the GPU to catch up.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    def read(self, value: torch.Tensor) -> float | None:
+        if value.device.type != "cuda":
+            return value.item()
+        arrived = None
+        if self._pending is not None:
+            copy, copied = self._pending
+            if not copied.query():
+                return None
+            arrived = copy.item()
+        copy = value.detach().to("cpu", non_blocking=True)  # into pinned memory, in stream order
+        copied = torch.cuda.Event()
+        copied.record()
+        self._pending = (copy, copied)
+        return arrived
+
+
+@dataclass
+class _EpochSums:
+    """What one epoch has trained so far: ``batches`` of it, ``seen`` examples, the summed loss and
+    count of correct predictions (on the device until the epoch ends), and its seconds (training
+    only, and in all). A step budget may stop an epoch part way; the checkpoint keeps its sums
+    (:meth:`state`) so that a larger budget finishes that epoch exactly as one run would."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    batches: int = 0
+    seen: int = 0
+    train_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @classmethod
+    def start(cls, device: torch.device, state: dict[str, Any] | None = None) -> _EpochSums:
+        """Empty sums on ``device``, or those of an epoch cut short (from :meth:`state`)."""
+        if state is None:
+            zeros = (
+                torch.zeros((), device=device, dtype=torch.float64),
+                torch.zeros((), device=device, dtype=torch.int64),
+            )
+            return cls(*zeros)
+        return cls(
+            **{**state, "loss_sum": state["loss_sum"].to(device), "correct": state["correct"].to(device)}
+        )
+
+    def state(self) -> dict[str, Any]:
+        return {**vars(self), "loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu()}
 
 
 def fit(
@@ -155,12 +230,15 @@ def fit(
         lr, lr_decay, decay_steps: Adam's learning rate ``lr * lr_decay ** (step / decay_steps)``.
         recon_weight: weight of the summed squared reconstruction error (CapsNet only).
         loss: CapsNet's classification loss, ``"margin"`` or ``"cross_entropy"`` (see :func:`batch_loss`).
-        max_steps: stop after this many optimiser steps in all (the last epoch may be partial).
+        max_steps: stop after this many optimiser steps in all (the last epoch may be partial;
+            resumed with a larger ``max_steps``, the run finishes that epoch as one run would).
         more_tests: further test sets, evaluated after every epoch as ``{name}_loss``,
             ``{name}_accuracy`` and ``{name}_error``.
         test_every: evaluate the test sets every this many epochs and after the last one.
+            Evaluation never changes what training draws from the random number generators.
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :mod:`capsnet.hardware`).
-        out_dir: where checkpoint, metrics and run record go (nothing is written if ``None``).
+        out_dir: the run folder (:mod:`capsnet.run_folder`) for checkpoint, metrics and run
+            record (nothing is written if ``None``); held for this process while it trains.
         resume: continue from ``out_dir/checkpoint.pt``.
         progress: show progress bars.
         record: extra information for ``run.json`` and the checkpoint (e.g. the configuration
@@ -177,6 +255,10 @@ def fit(
             infinite; ``out_dir`` keeps the checkpoint of the last completed epoch, so no
             checkpoint ever holds non-finite weights.
         FileExistsError: ``out_dir`` already holds a checkpoint and ``resume`` is false.
+        FileNotFoundError: ``resume`` and ``out_dir`` holds no checkpoint.
+        RunFolderError: ``out_dir`` is in use by another process, cannot be written, or holds
+            run records without a checkpoint.
+        ConfigError: ``resume`` with fewer ``epochs`` or ``max_steps`` than the run has done.
         ValueError: ``resume`` without ``out_dir``, ``epochs < 0``, ``test_every < 1`` or an unknown
             ``precision``.
     """
@@ -184,126 +266,134 @@ def fit(
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if test_every < 1:
         raise ValueError(f"test_every must be >= 1, got {test_every}")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir, the folder of the run to continue")
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(lr_decay, decay_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    out = Path(out_dir) if out_dir is not None else None
-    history: list[dict[str, Any]] = []
-    start_epoch, elapsed = 0, 0.0
-    if resume:
-        if out is None:
-            raise ValueError("resume=True needs out_dir, the folder of the run to continue")
-        state = load_checkpoint(out / "checkpoint.pt", map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start_epoch, elapsed, history = state["epoch"], state["elapsed"], state["history"]
-    elif out is not None and (out / "checkpoint.pt").exists():
-        raise FileExistsError(
-            f"{out} already holds a run: pass resume=True (--resume) to continue it, "
-            "or choose another output folder"
-        )
-    record = {
-        **(record or {}),
-        "precision": precision,
-        "hardware": describe(device),
-        "epochs": epochs,
+    folder = RunFolder(out_dir) if out_dir is not None else None
+    record = {**(record or {}), "precision": precision, "hardware": describe(device), "epochs": epochs}
+    tests = {
+        name: batches for name, batches in {"test": test, **(more_tests or {})}.items() if batches is not None
     }
+    with folder.hold() if folder is not None else nullcontext():
+        history: list[dict[str, Any]] = []
+        start_epoch, cut_short = 0, None
+        checkpoint = folder.begin(resume) if folder is not None else None
+        if checkpoint is not None:  # on the CPU: each tensor is copied to its parameter's device
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            _set_rng_state(checkpoint["rng"])
+            history, start_epoch = checkpoint["history"], checkpoint["epoch"]
+            _check_budget(epochs, max_steps, start_epoch, scheduler.last_epoch)
+            if checkpoint.get("cut_short") and (max_steps is None or scheduler.last_epoch < max_steps):
+                # a step budget stopped the last epoch part way: finish it
+                start_epoch, history, cut_short = start_epoch - 1, history[:-1], checkpoint["cut_short"]
 
-    for epoch in range(start_epoch, epochs):
-        if max_steps is not None and scheduler.last_epoch >= max_steps:
-            break
-        started = time.perf_counter()
-        model.train()
-        train.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen = 0
-        bar = tqdm(train, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
-        i = 0
-        for i, (x, y) in enumerate(bar):
+        for epoch in range(start_epoch, epochs):
             if max_steps is not None and scheduler.last_epoch >= max_steps:
                 break
-            with autocast(precision, device):
-                value, scores = batch_loss(model, x, y, recon_weight, train=True, loss=loss)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(value).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += value.detach().double() * len(y)
-            correct += (scores.detach().argmax(dim=1) == y).sum()
-            seen += len(y)
-            if i % 25 == 0:  # the sum is non-finite if any loss so far was
-                if not math.isfinite(loss_sum.item()):
-                    raise _non_finite(f"the training loss became {loss_sum.item()}", epoch, i, out)
-                bar.set_postfix(loss=f"{value.item():.4f}")
-        train_seconds = time.perf_counter() - started
-        if not math.isfinite(loss_sum.item()):
-            raise _non_finite(f"the training loss became {loss_sum.item()}", epoch, i, out)
-        if not all(bool(p.isfinite().all()) for p in model.parameters()):  # a last step's NaN gradient
-            raise _non_finite("the weights became non-finite", epoch, i, out)
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": scheduler.last_epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum.item() / seen,
-            "train_accuracy": correct.item() / seen,
-            "train_images_per_s": seen / train_seconds,
-        }
-        last = epoch + 1 == epochs or (max_steps is not None and scheduler.last_epoch >= max_steps)
-        tested = (epoch + 1) % test_every == 0 or last
-        for name, batches in {"test": test, **(more_tests or {})}.items():
-            if batches is not None and tested:
-                result = evaluate(model, batches, precision=precision, recon_weight=recon_weight, loss=loss)
-                metrics.update({f"{name}_{k}": v for k, v in result.items()})
-        metrics["seconds"] = time.perf_counter() - started
-        elapsed += metrics["seconds"]
-        history.append(metrics)
-        if progress:
-            shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
-            tqdm.write(json.dumps(shown))
-        if out is not None:
-            save_checkpoint(
-                out / "checkpoint.pt",
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(),
-                    "epoch": epoch + 1,
-                    "elapsed": elapsed,
-                    "history": history,
-                    "record": record,
-                },
-            )
-            # rewritten whole from the checkpoint's history, so it always matches the checkpoint
-            _write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
-            _write_json(out / "run.json", {**record, "wall_seconds": elapsed, "epochs_done": epoch + 1})
+            sums = _EpochSums.start(device, cut_short)
+            cut_short = None
+            started = time.perf_counter()
+            model.train()
+            train.set_epoch(epoch)
+            running = _HostValue()
+            bar = tqdm(train, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
+            for i, (x, y) in enumerate(bar):
+                if i < sums.batches:  # trained before a resume (iterated for the same shifts)
+                    continue
+                if max_steps is not None and scheduler.last_epoch >= max_steps:
+                    break
+                with autocast(precision, device):
+                    value, scores = batch_loss(model, x, y, recon_weight, train=True, loss=loss)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(value).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                sums.loss_sum += value.detach().double() * len(y)
+                sums.correct += (scores.detach().argmax(dim=1) == y).sum()
+                sums.seen += len(y)
+                sums.batches += 1
+                if i % 25 == 0 and (total := running.read(sums.loss_sum)) is not None:
+                    if not math.isfinite(total):  # the sum is non-finite if any loss so far was
+                        raise _non_finite(f"the training loss became {total}", epoch, i, folder)
+                    bar.set_postfix(loss=f"{total / sums.seen:.4f}")
+            total = sums.loss_sum.item()
+            if not math.isfinite(total):
+                raise _non_finite(f"the training loss became {total}", epoch, sums.batches - 1, folder)
+            if not bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
+                raise _non_finite(
+                    "the weights became non-finite", epoch, sums.batches - 1, folder
+                )  # a NaN gradient
+            sums.train_seconds += time.perf_counter() - started
+            metrics: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "step": scheduler.last_epoch,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": total / sums.seen,
+                "train_accuracy": sums.correct.item() / sums.seen,
+                "train_images_per_s": sums.seen / sums.train_seconds,
+            }
+            last = epoch + 1 == epochs or (max_steps is not None and scheduler.last_epoch >= max_steps)
+            if (epoch + 1) % test_every == 0 or last:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    for name, batches in tests.items():
+                        result = evaluate(
+                            model, batches, precision=precision, recon_weight=recon_weight, loss=loss
+                        )
+                        metrics.update({f"{name}_{k}": v for k, v in result.items()})
+            sums.seconds += time.perf_counter() - started
+            metrics["seconds"] = sums.seconds
+            history.append(metrics)
+            if progress:
+                shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
+                tqdm.write(strict_json(shown))
+            if folder is not None:
+                folder.commit(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": _rng_state(),
+                        "epoch": epoch + 1,
+                        "elapsed": sum(m["seconds"] for m in history),
+                        "history": history,
+                        "record": record,
+                        "cut_short": sums.state() if sums.batches < len(train) else None,
+                    }
+                )
     return history
 
 
-def _non_finite(what: str, epoch: int, step: int, out: Path | None) -> NonFiniteLossError:
+def _check_budget(epochs: int, max_steps: int | None, done_epochs: int, done_steps: int) -> None:
+    """Refuse to resume a run with a smaller budget than it has already trained."""
+    if epochs < done_epochs:
+        raise ConfigError(
+            f"this run has trained {done_epochs} epochs already: ask for at least that many (--epochs), "
+            f"not {epochs}"
+        )
+    if max_steps is not None and max_steps < done_steps:
+        raise ConfigError(
+            f"this run has taken {done_steps} optimiser steps already: ask for at least that many "
+            f"(--steps), not {max_steps}"
+        )
+
+
+def _non_finite(what: str, epoch: int, step: int, folder: RunFolder | None) -> NonFiniteLossError:
+    kept = folder is not None and folder.checkpoint.exists()
     return NonFiniteLossError(
-        f"{what} in epoch {epoch + 1} (found at step {step + 1}). The last good checkpoint is kept"
-        + (f" in {out}" if out else "")
-        + ". Try a lower learning rate (--lr) or fp32 precision (--precision fp32)."
+        f"{what} in epoch {epoch + 1} (found at step {step + 1}). "
+        + (f"The last good checkpoint is kept in {folder.path}. " if kept else "")
+        + ("No checkpoint was written. " if folder is not None and not kept else "")
+        + "Try a lower learning rate (--lr) or fp32 precision (--precision fp32)."
     )
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 @dataclass(frozen=True)
@@ -342,23 +432,78 @@ class TrainConfig:
     test_every: int = 1
 
     def resolved(self) -> TrainConfig:
-        """Fill the ``None`` size fields from the profile (0 sizes mean the whole split)."""
-        if self.dataset not in DATASETS and self.dataset not in GENERATED:
-            names = ", ".join(sorted({*DATASETS, *GENERATED}))
-            raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {names}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        profile = get_profile(self.profile)
+        """Fill the ``None`` size fields from the profile (0 sizes mean the whole split) and check
+        every field (:meth:`check`).
+
+        Raises:
+            ConfigError: an unknown profile or a field outside its bounds.
+        """
+        self.check()
+        try:
+            profile = get_profile(self.profile)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         return replace(
             self,
             profile=profile.name,
             epochs=profile.epochs if self.epochs is None else self.epochs,
-            batch_size=self.batch_size or profile.batch_size,
+            batch_size=profile.batch_size if self.batch_size is None else self.batch_size,
             train_size=profile.train_size or 0 if self.train_size is None else self.train_size,
             test_size=profile.test_size or 0 if self.test_size is None else self.test_size,
-        )
+        ).check()
+
+    def check(self) -> TrainConfig:
+        """Return this configuration if every field has its type and lies within its bounds
+        (:data:`INTEGER_LIMITS`, learning rate and decay in ``(0, 1]``, ``recon_weight`` in
+        ``[0, 1]``, ``max_shift`` at most a quarter of the image side); ``None`` sizes, epochs
+        and profile are left to the profile.
+
+        Raises:
+            ConfigError: naming the field (and its command-line option), its bounds and the value.
+        """
+        for name, choices in _choices().items():
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in choices:
+                raise ConfigError(f"unknown {_label(name)} {value!r}: choose one of {', '.join(choices)}")
+        for name in ("decoder", "squashed"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{_label(name)} must be true or false, got {getattr(self, name)!r}")
+        if self.profile is not None and not isinstance(self.profile, str):
+            raise ConfigError(f"{_label('profile')} must be a profile's name, got {self.profile!r}")
+        side = GENERATED[self.dataset].canvas if self.dataset in GENERATED else 28
+        limits = {**INTEGER_LIMITS, "max_shift": (0, side // 4)}
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if value is None and name in _FROM_PROFILE:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(
+                    f"{_label(name)} must be an integer from {low:,} to {high:,}, got {value!r}"
+                )
+        for name, low_included in (("lr", False), ("lr_decay", False), ("recon_weight", True)):
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not (0 <= value <= 1 if low_included else 0 < value <= 1):
+                bounds = "from 0 to 1" if low_included else "above 0 and at most 1"
+                raise ConfigError(f"{_label(name)} must be a number {bounds}, got {value!r}")
+        return self
+
+    @classmethod
+    def from_record(cls, config: object) -> TrainConfig:
+        """The configuration stored in a run record (``run.json["config"]``), checked like any
+        other (:meth:`check`), so a damaged or crafted record fails before anything is built.
+
+        Raises:
+            ConfigError: not a mapping, unknown fields, or a field outside its bounds.
+        """
+        if not isinstance(config, dict):
+            raise ConfigError(
+                f"a run's configuration must be a mapping of its fields, got {type(config).__name__}"
+            )
+        unknown = sorted(map(str, set(config) - {f.name for f in fields(cls)}))
+        if unknown:
+            raise ConfigError(f"unknown configuration fields: {', '.join(unknown)}")
+        return cls(**config).check()
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`capsnet.models.build_model` for this run's model."""
@@ -448,6 +593,167 @@ def make_more_tests(
     }
 
 
+# Bounds of the integer fields of TrainConfig (max_shift's depends on the image size). Batches
+# beyond 4096 images do not fit a 16 GB GPU (CapsNet's predictions alone take 6 GB at 4096).
+MAX_BATCH_SIZE = 4096
+INTEGER_LIMITS: dict[str, tuple[int, int]] = {
+    "epochs": (1, 10_000),
+    "batch_size": (1, MAX_BATCH_SIZE),
+    "train_size": (0, 100_000_000),
+    "test_size": (0, 100_000_000),
+    "decay_steps": (1, 1_000_000_000),
+    "seed": (0, 2**32 - 1),
+    "routing_iterations": (1, 20),
+    "steps": (1, 1_000_000_000),
+    "test_every": (1, 1_000_000_000),
+}
+# The largest model a record may describe (the baseline CNN has 35M parameters, CapsNet 8M).
+MAX_PARAMETERS = 500_000_000
+_FROM_PROFILE = (
+    "epochs",
+    "batch_size",
+    "train_size",
+    "test_size",
+    "steps",
+)  # None: the profile's (or no step budget)
+# The fields of a resumed run that may change: the budget and how often it is evaluated.
+RESUMABLE = ("epochs", "steps", "test_every")
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    return {
+        "dataset": tuple(sorted({*DATASETS, *GENERATED})),
+        "model": tuple(MODELS),
+        "precision": PRECISIONS,
+        "routing_gradient": get_args(GradientMode),
+        "coupling": get_args(CouplingMode),
+        "loss": LOSSES,
+    }
+
+
+def _label(name: str) -> str:
+    """A field's name and its command-line option, e.g. ``batch_size (--batch-size)``."""
+    if name in ("lr_decay", "decay_steps"):  # no option
+        return name
+    option = {"decoder": "--no-decoder", "squashed": "--no-squash"}.get(name, "--" + name.replace("_", "-"))
+    return f"{name} ({option})"
+
+
+def parse_device(device: torch.device | str | None) -> torch.device:
+    """The device called ``device`` (default: :func:`capsnet.hardware.default_device`), checked to
+    exist on this machine.
+
+    Raises:
+        ConfigError: an unknown device, or CUDA where there is none.
+    """
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device {str(device)!r} (--device): use cpu or cuda") from err
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"capsnet trains on cpu or cuda, not {parsed.type!r} (--device)")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA is not available on this machine (--device cuda): use --device cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"there is no {parsed} here: this machine has {torch.cuda.device_count()} GPU(s)")
+    return parsed
+
+
+def checked_config(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """``config`` resolved from its profile and checked (:meth:`TrainConfig.resolved`), its
+    precision too, for ``device``.
+
+    Raises:
+        ConfigError: what is wrong with it.
+    """
+    config = config.resolved()
+    try:
+        resolve_precision(config.precision, device)
+    except ValueError as err:
+        raise ConfigError(f"{_label('precision')}: {err}") from err
+    return config
+
+
+def _plain(value: object) -> bool:
+    """A model argument a record may hold: a bool, a string, a number up to a million, or a short
+    list of such numbers (layer sizes)."""
+    if isinstance(value, bool | str):
+        return True
+    if isinstance(value, int | float):
+        return abs(value) <= 1_000_000
+    return (
+        isinstance(value, list | tuple)
+        and len(value) <= 8
+        and all(_plain(v) and not isinstance(v, str) for v in value)
+    )
+
+
+def config_of(state: dict[str, Any], path: str | Path) -> TrainConfig:
+    """The configuration of a run's checkpoint or weights file ``state`` (read from ``path``),
+    checked before any model is built: the record's configuration within its bounds
+    (:meth:`TrainConfig.from_record`); the model's arguments plain values that agree with it (a
+    run made by :func:`fit` may add sizes, e.g. ``conv_channels``); the model they describe, built
+    on the ``meta`` device (which allocates no memory), at most :data:`MAX_PARAMETERS`
+    parameters; and the weights exactly that model's, names and shapes.
+
+    Raises:
+        CheckpointError: what does not fit, in one line.
+    """
+    record = state.get("record")
+    if not isinstance(record, dict) or "config" not in record:
+        raise CheckpointError(f"{path} has no run configuration: it was not written by capsnet.train.run")
+    try:
+        config = TrainConfig.from_record(record["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path} holds an invalid run configuration: {err}") from err
+    kwargs = record.get("model_kwargs")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and _plain(v) for k, v in kwargs.items()):
+        raise CheckpointError(
+            f"{path}: its model arguments are not a mapping of names to plain values: {kwargs!r:.200}"
+        )
+    contradicted = [
+        f"{k}={kwargs.get(k)!r} (configuration: {v!r})"
+        for k, v in config.model_kwargs().items()
+        if kwargs.get(k) != v
+    ]
+    if contradicted:
+        raise CheckpointError(
+            f"{path}: its model arguments contradict its configuration: {'; '.join(contradicted)}"
+        )
+    try:
+        with torch.device("meta"):
+            model = build_model(config.model, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path}: cannot build the {config.model} its record describes ({err})"
+        ) from err
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"{path}: its record describes a {config.model} with {parameters:,} parameters, more than the "
+            f"{MAX_PARAMETERS:,} capsnet builds"
+        )
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    weights = {k: v.shape for k, v in state["model"].items()}
+    problems = [f"missing {k}" for k in expected if k not in weights]
+    problems += [f"unexpected {k}" for k in weights if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(weights[k])}, not {tuple(shape)}"
+        for k, shape in expected.items()
+        if k in weights and weights[k] != shape
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{path}: its weights do not fit the {config.model} its record describes ("
+            + "; ".join(problems[:3])
+            + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            + ")"
+        )
+    return config
+
+
 def run(
     config: TrainConfig,
     out_dir: str | Path | None = None,
@@ -457,56 +763,94 @@ def run(
     data_root: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
+    explicit: Collection[str] | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Build data and model from ``config`` and train; returns the model and its history.
 
-    With ``resume`` the configuration stored in ``out_dir`` is used, except ``epochs``, which may
-    be raised to train longer. ``run.json`` lists every command that trained the run (``commands``).
+    The run folder is held and checked (:mod:`capsnet.run_folder`) and the configuration, device
+    and precision are checked before any data is loaded or model built.
+
+    With ``resume`` the run continues with the configuration stored in its checkpoint: only the
+    fields in :data:`RESUMABLE` (epochs, steps, test interval) may change, and every other field
+    the caller set must equal the stored one. ``explicit`` names the fields the caller set
+    (default: those that differ from :class:`TrainConfig`'s defaults; the command line passes the
+    options it was given). ``run.json`` holds the configuration the last command trained with
+    and lists every command that trained the run (``commands``).
+
+    Raises:
+        ConfigError: invalid options, or options that conflict with the stored run; and what
+            :func:`fit` raises.
     """
-    commands = [command] if command else []
-    if resume and out_dir is not None:
-        if not (Path(out_dir) / "run.json").is_file():
-            raise FileNotFoundError(
-                f"{out_dir} holds no run to resume (no run.json): start it without --resume"
-            )
-        saved_record = json.loads((Path(out_dir) / "run.json").read_text())
-        saved = saved_record["config"]
-        config = replace(TrainConfig(**saved), epochs=config.epochs or saved["epochs"])
-        commands = saved_record.get("commands", []) + commands
-    config = config.resolved()
-    device = torch.device(device) if device is not None else default_device()
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, **config.model_kwargs()).to(device)
-    train, test = make_data(config, device, data_root)
-    if config.steps is not None:  # a budget of optimiser steps fixes the number of epochs
-        config = replace(config, epochs=-(-config.steps // len(train)))
-    record = {"config": asdict(config), "commands": commands, "model_kwargs": config.model_kwargs()}
-    history = fit(
-        model,
-        train,
-        test,
-        epochs=config.epochs,
-        lr=config.lr,
-        lr_decay=config.lr_decay,
-        decay_steps=config.decay_steps,
-        recon_weight=config.recon_weight if config.model == "capsnet" else 0.0,
-        loss=config.loss,
-        max_steps=config.steps,
-        more_tests=make_more_tests(config, device, data_root),
-        test_every=config.test_every,
-        precision=config.precision,
-        out_dir=out_dir,
-        resume=resume,
-        progress=progress,
-        record=record,
-    )
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir, the folder of the run to continue")
+    device = parse_device(device)
+    if not resume:
+        config = checked_config(config, device)  # before the folder is made
+    folder = RunFolder(out_dir) if out_dir is not None else None
+    with folder.hold() if folder is not None else nullcontext():
+        commands = [command] if command else []
+        if folder is not None:
+            folder.check(resume)
+        if folder is not None and resume:
+            stored = folder.load()
+            config = checked_config(_resumed(config_of(stored, folder.checkpoint), config, explicit), device)
+            commands = stored["record"].get("commands", []) + commands
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, **config.model_kwargs()).to(device)
+        train, test = make_data(config, device, data_root)
+        if config.steps is not None:  # a budget of optimiser steps fixes the number of epochs
+            config = replace(config, epochs=-(-config.steps // len(train)))
+        record = {"config": asdict(config), "commands": commands, "model_kwargs": config.model_kwargs()}
+        history = fit(
+            model,
+            train,
+            test,
+            epochs=config.epochs,
+            lr=config.lr,
+            lr_decay=config.lr_decay,
+            decay_steps=config.decay_steps,
+            recon_weight=config.recon_weight if config.model == "capsnet" else 0.0,
+            loss=config.loss,
+            max_steps=config.steps,
+            more_tests=make_more_tests(config, device, data_root),
+            test_every=config.test_every,
+            precision=config.precision,
+            out_dir=out_dir,
+            resume=resume,
+            progress=progress,
+            record=record,
+        )
     return model, history
+
+
+def _resumed(stored: TrainConfig, given: TrainConfig, explicit: Collection[str] | None) -> TrainConfig:
+    """The configuration a resumed run trains with: ``stored``, with those :data:`RESUMABLE`
+    fields of ``given`` that the caller set (``explicit``); a conflicting field is refused."""
+    if explicit is None:
+        explicit = [f.name for f in fields(TrainConfig) if getattr(given, f.name) != f.default]
+    conflicts = [
+        f"{_label(name)} {getattr(given, name)!r} (the run's: {getattr(stored, name)!r})"
+        for name in explicit
+        if name not in RESUMABLE and getattr(given, name) != getattr(stored, name)
+    ]
+    if conflicts:
+        raise ConfigError(
+            "--resume continues a run with its stored configuration, and these options differ from it: "
+            + "; ".join(conflicts)
+            + ". Only --epochs, --steps and --test-every can change: drop the others, or train into "
+            "a new folder"
+        )
+    changes = {name: getattr(given, name) for name in RESUMABLE if name in explicit}
+    if "epochs" in changes and "steps" not in changes:
+        changes["steps"] = None  # an epoch budget replaces the run's step budget
+    return replace(stored, **changes)
 
 
 def load_trained(path: str | Path, device: torch.device | str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a model from a run's ``checkpoint.pt`` or ``weights-fp16.pt``; returns it (in
-    float32, eval mode) and the run's record (configuration, hardware, ...)."""
-    device = torch.device(device) if device is not None else default_device()
+    float32, eval mode, on ``device``: the CPU unless one is given) and the run's record
+    (configuration, hardware, ...). The file is always read onto the CPU first."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
     state = load_checkpoint(path, map_location="cpu")
     record = state.get("record", {})
     if "config" not in record:
@@ -517,21 +861,23 @@ def load_trained(path: str | Path, device: torch.device | str | None = None) -> 
 
 
 def export_weights(out_dir: str | Path, data_root: str | Path | None = None) -> dict[str, Any]:
-    """Finish a run: save its weights in float16 as ``weights-fp16.pt`` and evaluate exactly those
-    weights (in float32, on the run's test set) into ``run.json["final"]``."""
-    out = Path(out_dir)
-    state = load_checkpoint(out / "checkpoint.pt")
-    model, record = load_trained(out / "checkpoint.pt", "cpu")
-    save_fp16_weights(out / "weights-fp16.pt", model, {"record": record, "epoch": state["epoch"]})
-    model, record = load_trained(out / "weights-fp16.pt")
-    config = TrainConfig(**record["config"])
-    device = next(model.parameters()).device
-    _, test = make_data(config, device, data_root)
-    settings = {"precision": "fp32", "recon_weight": config.recon_weight, "loss": config.loss}
-    final: dict[str, Any] = evaluate(model, test, **settings)
-    for name, batches in make_more_tests(config, device, data_root).items():
-        final[name] = evaluate(model, batches, **settings)
-    final.update(epoch=state["epoch"], weights="weights-fp16.pt", test_images=len(test.labels))
-    run_record = json.loads((out / "run.json").read_text())
-    _write_json(out / "run.json", {**run_record, "final": final})
+    """Finish a run: save its weights in float16 as ``weights-fp16.pt``, evaluate exactly those
+    weights (in float32, on the run's test set), and rewrite ``metrics.jsonl`` and ``run.json``
+    from the checkpoint with the result as ``run.json["final"]``."""
+    folder = RunFolder(out_dir)
+    with folder.hold():
+        state = folder.load()
+        config_of(state, folder.checkpoint)
+        model, record = load_trained(folder.checkpoint, "cpu")
+        save_fp16_weights(folder.weights, model, {"record": record, "epoch": state["epoch"]})
+        model, record = load_trained(folder.weights, default_device())
+        config = TrainConfig(**record["config"])
+        device = next(model.parameters()).device
+        _, test = make_data(config, device, data_root)
+        settings = {"precision": "fp32", "recon_weight": config.recon_weight, "loss": config.loss}
+        final: dict[str, Any] = evaluate(model, test, **settings)
+        for name, batches in make_more_tests(config, device, data_root).items():
+            final[name] = evaluate(model, batches, **settings)
+        final.update(epoch=state["epoch"], weights=folder.weights.name, test_images=len(test.labels))
+        folder.write_records(state, final)
     return final

@@ -16,6 +16,7 @@ import pytest
 
 from capsnet.cli import build_parser, main
 from capsnet.data import DataError, locate_file
+from capsnet.run_folder import LOCK
 
 TIMEOUT = 600  # seconds for one command; a smoke run takes well under a minute on two cores
 
@@ -112,7 +113,7 @@ def smoke_run(tmp_path_factory, data_root) -> tuple[Path, subprocess.CompletedPr
 def test_train_smoke_end_to_end(smoke_run):
     out, result = smoke_run
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir() if p.name != LOCK) == [
         "checkpoint.pt",
         "metrics.jsonl",
         "run.json",

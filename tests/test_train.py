@@ -6,6 +6,7 @@ models this small, thread hand-offs cost more than they save)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict
@@ -20,7 +21,9 @@ from capsnet.checkpoint import CheckpointError, load_checkpoint
 from capsnet.data import DataError, DeviceBatches, locate_file
 from capsnet.hardware import _cpu_has_bf16, autocast, describe, resolve_precision
 from capsnet.losses import margin_loss, reconstruction_loss
+from capsnet.run_folder import LOCK
 from capsnet.train import (
+    ConfigError,
     NonFiniteLossError,
     TrainConfig,
     batch_loss,
@@ -37,6 +40,8 @@ TINY_BASELINE = {"channels": (4, 4, 4), "hidden": (8, 8)}
 BUILDERS = {
     "capsnet": lambda: capsnet.CapsNet(**TINY_CAPSNET),
     "baseline": lambda: capsnet.BaselineCNN(**TINY_BASELINE),
+    # random couplings draw from the global random number generator, in evaluation too
+    "capsnet-random": lambda: capsnet.CapsNet(**TINY_CAPSNET, coupling="random"),
 }
 TIMING_KEYS = {"seconds", "train_images_per_s"}
 METRIC_KEYS = {
@@ -73,6 +78,11 @@ def _train(kind: str, out: Path | None, epochs: int, *, init_seed: int = 0, **kw
     train, test = _data()
     kwargs = {"precision": "fp32", "progress": False, **kwargs}
     return model, fit(model, train, test, epochs=epochs, out_dir=out, **kwargs)
+
+
+def _files(folder: Path) -> list[str]:
+    """The files in a run folder, but for the lock file (kept or removed by filelock's version)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK)
 
 
 def _without_timings(history: list[dict]) -> list[dict]:
@@ -143,7 +153,7 @@ def test_existing_run_folder_needs_resume(tmp_path):
 def test_resume_needs_a_run(tmp_path):
     with pytest.raises(ValueError, match="needs out_dir"):
         _train("baseline", None, 1, resume=True)
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no run to resume"):
         _train("baseline", tmp_path / "empty", 1, resume=True)
 
 
@@ -237,9 +247,10 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, c
 
 def test_non_finite_loss_in_the_first_epoch_writes_nothing(tmp_path, monkeypatch):
     _loss_patch(monkeypatch, 2, NAN_CASES["nan-weights"][1])
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan in epoch 1"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan in epoch 1") as info:
         _train("capsnet", tmp_path, 2)
     assert not (tmp_path / "checkpoint.pt").exists()
+    assert "No checkpoint was written" in str(info.value) and str(tmp_path) not in str(info.value)
 
 
 def test_divergence_with_a_huge_learning_rate(tmp_path):
@@ -274,7 +285,7 @@ def test_metrics_and_run_record(tmp_path):
     assert run_record["precision"] == "fp32"
     assert run_record["epochs"] == run_record["epochs_done"] == 2
     assert run_record["wall_seconds"] == pytest.approx(sum(m["seconds"] for m in lines))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "run.json"]
+    assert _files(tmp_path) == ["checkpoint.pt", "metrics.jsonl", "run.json"]
 
 
 def test_without_test_batches_or_folder():
@@ -439,7 +450,8 @@ def test_train_config_takes_sizes_from_the_profile(monkeypatch):
     assert (paper.epochs, paper.batch_size, paper.train_size, paper.test_size) == (50, 128, 0, 0)  # 0 = all
     mine = TrainConfig(profile="smoke", epochs=3, batch_size=8, train_size=0, test_size=10).resolved()
     assert (mine.epochs, mine.batch_size, mine.train_size, mine.test_size) == (3, 8, 0, 10)
-    assert TrainConfig(profile="paper", epochs=0).resolved().epochs == 0
+    with pytest.raises(ConfigError, match=r"epochs \(--epochs\) must be an integer from 1 to 10,000, got 0"):
+        TrainConfig(profile="paper", epochs=0).resolved()
     monkeypatch.setenv("CAPSNET_PROFILE", "cpu")
     from_env = TrainConfig().resolved()
     assert (from_env.profile, from_env.train_size, from_env.epochs) == ("cpu", 12_000, 2)
@@ -478,6 +490,91 @@ def test_max_steps_stops_in_the_middle_of_an_epoch(tmp_path):
     assert [m["step"] for m in again] == [3, 4]
 
 
+def test_a_step_budget_is_extended_exactly(tmp_path):
+    """2 steps (epoch 1 cut short), resumed to 5, then to 3 whole epochs: the same weights and
+    metrics as runs trained straight to those budgets (3 batches per epoch)."""
+    straight, history = _train("baseline", tmp_path / "straight", 5, max_steps=5)
+    _train("baseline", tmp_path / "split", 5, max_steps=2)
+    resumed, resumed_history = _train(
+        "baseline", tmp_path / "split", 5, max_steps=5, resume=True, init_seed=9
+    )
+    _assert_same_weights(straight, resumed)
+    assert [m["step"] for m in resumed_history] == [3, 5]
+    assert _without_timings(resumed_history) == _without_timings(history)
+    assert _without_timings(_read_metrics(tmp_path / "split")) == _without_timings(history)
+    straight, history = _train("baseline", tmp_path / "epochs", 3)
+    resumed, resumed_history = _train("baseline", tmp_path / "split", 3, resume=True)  # no step budget now
+    _assert_same_weights(straight, resumed)
+    assert _without_timings(resumed_history) == _without_timings(history)
+
+
+def test_changing_test_every_on_resume_changes_no_weights(tmp_path, monkeypatch):
+    """Evaluation runs on its own copy of the random state: CapsNet with random couplings draws
+    from it when evaluated, yet evaluating more or less often leaves training as it was."""
+    straight, _ = _train("capsnet-random", tmp_path / "straight", 3)
+    _train("capsnet-random", tmp_path / "resumed", 1)
+    resumed, history = _train("capsnet-random", tmp_path / "resumed", 3, test_every=3, resume=True)
+    _assert_same_weights(straight, resumed)
+    assert ["test_accuracy" in m for m in history] == [True, False, True]
+    monkeypatch.setattr(torch.random, "fork_rng", lambda **kwargs: contextlib.nullcontext())
+    unforked, _ = _train("capsnet-random", tmp_path / "unforked", 3, test_every=2)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(straight.parameters(), unforked.parameters(), strict=True)
+    )
+
+
+def test_resume_with_a_smaller_budget_is_refused(tmp_path):
+    _train("baseline", tmp_path, 2)
+    with pytest.raises(
+        ConfigError, match=r"trained 2 epochs already: ask for at least that many \(--epochs\)"
+    ):
+        _train("baseline", tmp_path, 1, resume=True)
+    with pytest.raises(ConfigError, match=r"taken 6 optimiser steps already.*\(--steps\), not 4"):
+        _train("baseline", tmp_path, 2, max_steps=4, resume=True)
+    assert len(_read_metrics(tmp_path)) == 2
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_resume_loads_the_checkpoint_to_the_cpu_whatever_the_model_device(tmp_path):
+    """The model's device must not decide where the checkpoint is loaded: the random number
+    generator's state must stay a CPU byte tensor (on CUDA, map_location=device broke every
+    resume). A model on the meta device stands in for a GPU here: loading the checkpoint there
+    would make torch.set_rng_state fail."""
+    _train("capsnet", tmp_path, 1)
+    with torch.device("meta"):
+        model = BUILDERS["capsnet"]()
+    history = fit(
+        model, _data()[0], epochs=1, precision="fp32", out_dir=tmp_path, resume=True, progress=False
+    )
+    assert [m["epoch"] for m in history] == [1]
+    assert model.conv1.weight.device.type == "meta"  # the weights were copied to the model's device
+
+
+def test_rng_states_are_restored_as_cpu_byte_tensors(monkeypatch):
+    saved = train_module._rng_state()
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    state = {"torch": saved["torch"].clone(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    torch.manual_seed(123)
+    train_module._set_rng_state(state)
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+    assert len(restored) == 1  # one state per GPU there is
+    assert all(s.device.type == "cpu" and s.dtype == torch.uint8 for s in restored)
+
+
+def test_records_are_strict_json(tmp_path):
+    """NaN is not JSON: a record holding one is refused before anything is written."""
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        _train("baseline", tmp_path, 1, record={"note": float("nan")})
+    assert _files(tmp_path) == []
+
+
+def test_the_progress_value_is_read_at_once_on_the_cpu():
+    assert train_module._HostValue().read(torch.tensor(2.5, dtype=torch.float64)) == 2.5
+
+
 def test_test_every():
     _, history = _train("baseline", None, 5, test_every=2)
     assert ["test_accuracy" in m for m in history] == [False, True, False, True, True]
@@ -496,11 +593,11 @@ def test_more_tests_are_evaluated_every_epoch():
 
 
 def test_train_config_checks_ablation_settings():
-    with pytest.raises(ValueError, match="unknown dataset 'emnist'.*translated-mnist"):
+    with pytest.raises(ConfigError, match=r"unknown dataset \(--dataset\) 'emnist'.*translated-mnist"):
         TrainConfig(dataset="emnist").resolved()
-    with pytest.raises(ValueError, match="loss must be one of"):
+    with pytest.raises(ConfigError, match=r"unknown loss \(--loss\) 'mse': choose one of margin"):
         TrainConfig(loss="mse").resolved()
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ConfigError, match=r"steps \(--steps\) must be an integer from 1 to"):
         TrainConfig(steps=0).resolved()
     config = TrainConfig(squashed=False, dataset="translated-mnist")
     assert config.model_kwargs()["squashed"] is False and config.model_kwargs()["input_size"] == 40
@@ -521,3 +618,130 @@ def test_translated_mnist_data(mnist_root):
     assert torch.equal(test.labels, labels)
     assert torch.equal(test.images.sum(dim=(1, 2, 3)), digits.sum(dim=(1, 2, 3)))
     assert make_more_tests(TrainConfig(profile="smoke").resolved(), CPU) == {}
+
+
+# ----------------------------------------------------------------------------- checked configurations
+
+
+BAD_CONFIGS = {
+    "batch_size": (
+        [0, -1, 4097, True, "64", 2.0],
+        r"batch_size \(--batch-size\) must be an integer from 1 to 4,096",
+    ),
+    "train_size": ([-1], r"train_size \(--train-size\) must be an integer from 0 to"),
+    "test_size": ([-5], r"test_size \(--test-size\) must be an integer from 0 to"),
+    "max_shift": ([-1, 8, 1000], r"max_shift \(--max-shift\) must be an integer from 0 to 7,"),
+    "lr": ([0, -1.0, 2.0, float("nan"), float("inf")], r"lr \(--lr\) must be a number above 0 and at most 1"),
+    "lr_decay": ([0.0, 1.5], r"lr_decay must be a number above 0 and at most 1"),
+    "recon_weight": ([-0.1, 5.0], r"recon_weight \(--recon-weight\) must be a number from 0 to 1"),
+    "routing_iterations": (
+        [0, 21],
+        r"routing_iterations \(--routing-iterations\) must be an integer from 1 to 20",
+    ),
+    "epochs": ([0, 10_001], r"epochs \(--epochs\) must be an integer from 1 to 10,000"),
+    "steps": ([0], r"steps \(--steps\) must be an integer from 1"),
+    "test_every": ([0], r"test_every \(--test-every\) must be an integer from 1"),
+    "seed": ([-1, 2**32], r"seed \(--seed\) must be an integer from 0 to 4,294,967,295"),
+    "decay_steps": ([0], r"decay_steps must be an integer from 1"),
+    "model": (
+        ["capsnet2", None],
+        r"unknown model \(--model\) .*: choose one of capsnet, baseline, cnn-small",
+    ),
+    "coupling": (["learned"], r"unknown coupling \(--coupling\) 'learned': choose one of dynamic, uniform"),
+    "decoder": ([0, "yes"], r"decoder \(--no-decoder\) must be true or false"),
+}
+
+
+@pytest.mark.parametrize("field", BAD_CONFIGS)
+def test_every_field_is_checked_against_its_bounds(field):
+    values, message = BAD_CONFIGS[field]
+    for value in values:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(profile="smoke", **{field: value}).resolved()
+
+
+def test_bounds_that_depend_on_the_data():
+    assert TrainConfig(profile="smoke", max_shift=7).resolved().max_shift == 7
+    assert TrainConfig(profile="smoke", dataset="translated-mnist", max_shift=10).resolved().max_shift == 10
+    with pytest.raises(ConfigError, match="from 0 to 10, got 11"):
+        TrainConfig(profile="smoke", dataset="translated-mnist", max_shift=11).resolved()
+    assert TrainConfig(profile="smoke", batch_size=1, lr=1, recon_weight=0).resolved().batch_size == 1
+
+
+def test_a_configuration_from_a_record_is_checked():
+    stored = asdict(TrainConfig(profile="smoke").resolved())
+    assert TrainConfig.from_record(stored) == TrainConfig(profile="smoke").resolved()
+    with pytest.raises(ConfigError, match="unknown configuration fields: layers, note"):
+        TrainConfig.from_record({**stored, "layers": 1000, "note": "x"})
+    with pytest.raises(ConfigError, match="must be a mapping of its fields, got list"):
+        TrainConfig.from_record([1, 2])
+    with pytest.raises(ConfigError, match=r"routing_iterations .* got 1000000000"):
+        TrainConfig.from_record({**stored, "routing_iterations": 10**9})
+
+
+def _run_file(tmp_path: Path, **changes) -> tuple[dict, Path]:
+    """A weights file as :func:`export_weights` writes it (tiny CapsNet), with ``changes`` made
+    to its record or weights (keys ``config``, ``model_kwargs``, ``model``)."""
+    config = TrainConfig(profile="smoke").resolved()
+    torch.manual_seed(0)
+    model = capsnet.CapsNet(**TINY_CAPSNET)
+    state = {
+        "model": model.state_dict(),
+        "record": {"config": asdict(config), "model_kwargs": {**config.model_kwargs(), **TINY_CAPSNET}},
+    }
+    state["record"].update({k: v for k, v in changes.items() if k != "model"})
+    state["model"] = changes.get("model", state["model"])
+    path = tmp_path / "weights-fp16.pt"
+    torch.save(state, path)
+    return state, path
+
+
+def test_config_of_accepts_what_fit_and_export_write(tmp_path):
+    state, path = _run_file(tmp_path)
+    assert train_module.config_of(state, path) == TrainConfig.from_record(state["record"]["config"])
+
+
+_SMOKE_CONFIG = asdict(TrainConfig(profile="smoke").resolved())
+_TINY_KWARGS = {**TrainConfig().model_kwargs(), **TINY_CAPSNET}
+CRAFTED = {
+    "huge": (
+        {"model_kwargs": {**_TINY_KWARGS, "conv_channels": 1_000_000, "primary_types": 1_000_000}},
+        r"with [\d,]+ parameters, more than",
+    ),
+    "unknown model": (
+        {"config": {**_SMOKE_CONFIG, "model": "resnet"}},
+        r"invalid run configuration: unknown model",
+    ),
+    "extra config key": ({"config": {**_SMOKE_CONFIG, "width": 3}}, r"unknown configuration fields: width"),
+    "extra argument": ({"model_kwargs": {**_TINY_KWARGS, "width": 3}}, r"cannot build the capsnet .*width"),
+    "contradiction": (
+        {"model_kwargs": {**_TINY_KWARGS, "routing_iterations": 5}},
+        r"routing_iterations=5 \(con",
+    ),
+    "not plain": (
+        {"model_kwargs": {**_TINY_KWARGS, "decoder_hidden": list(range(100))}},
+        r"not a mapping of names",
+    ),
+    "wrong shape": ({"model_kwargs": {**_TINY_KWARGS, "primary_types": 8}}, r"primary.*has shape .*, not"),
+    "no config": ({"config": None}, r"invalid run configuration: .*mapping"),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_config_of_refuses_crafted_records_before_building_anything(tmp_path, case):
+    """E.g. a record that describes a model of petabytes is refused by its parameter count, from
+    a model built on the meta device: allocating it for real would fail with another message."""
+    changes, message = CRAFTED[case]
+    state, path = _run_file(tmp_path, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        train_module.config_of(state, path)
+
+
+def test_config_of_refuses_weights_that_do_not_fit(tmp_path):
+    weights = dict(_run_file(tmp_path)[0]["model"])
+    del weights["conv1.bias"]
+    weights.update({"conv1.weight": torch.zeros(3), "extra.weight": torch.zeros(1)})
+    state, path = _run_file(tmp_path, model=weights)
+    message = r"do not fit the capsnet .*\(missing conv1.bias; unexpected extra.weight; conv1.weight has"
+    with pytest.raises(CheckpointError, match=message):
+        train_module.config_of(state, path)
