@@ -58,6 +58,7 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{config.dataset}-{config.model}-seed{config.seed}"
     command = "python -m capsnet " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     folder = RunFolder(out)
+    folder.check(args.resume)  # refused before the folder is made; checked again once it is held
     try:
         with folder.hold():  # through training and export: no other process can use the folder
             run(

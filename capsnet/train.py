@@ -785,8 +785,10 @@ def run(
         raise ValueError("resume=True needs out_dir, the folder of the run to continue")
     device = parse_device(device)
     if not resume:
-        config = checked_config(config, device)  # before the folder is made
+        config = checked_config(config, device)
     folder = RunFolder(out_dir) if out_dir is not None else None
+    if folder is not None:
+        folder.check(resume)  # refused before the folder is made; checked again once it is held
     with folder.hold() if folder is not None else nullcontext():
         commands = [command] if command else []
         if folder is not None:

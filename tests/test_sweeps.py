@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from capsnet.cli import build_parser
+from capsnet.cli import build_parser, main
 from capsnet.reference import sweep_records
-from capsnet.sweeps import SEEDS, SWEEPS, run_sweep, sweep_runs
+from capsnet.sweeps import SEEDS, SWEEPS, SweepError, run_sweep, sweep_runs
 
 
 @pytest.mark.parametrize("sweep", sorted(SWEEPS))
@@ -76,3 +76,15 @@ def test_sweep_records_refuse_an_unfinished_run(tmp_path):
     _fake_run(tmp_path / "affnist" / "cnn-small")
     with pytest.raises(FileNotFoundError, match="capsnet is not finished"):
         sweep_records("affnist", root=tmp_path)
+
+
+def test_a_failed_run_stops_the_sweep_with_one_line(tmp_path, monkeypatch, capsys):
+    def fail(command, **kwargs):
+        raise subprocess.CalledProcessError(1, command)
+
+    monkeypatch.setattr(subprocess, "run", fail)
+    with pytest.raises(SweepError, match="run capsnet failed .*exit status 1.*this one resumes"):
+        run_sweep("affnist", tmp_path)
+    assert main(["sweep", "affnist", "--root", str(tmp_path)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("python -m capsnet sweep: error: sweep affnist: run capsnet failed")
