@@ -320,17 +320,16 @@ def fit(
                 sums.correct += (scores.detach().argmax(dim=1) == y).sum()
                 sums.seen += len(y)
                 sums.batches += 1
-                if i % 25 == 0 and (total := running.read(sums.loss_sum)) is not None:
-                    if not math.isfinite(total):  # the sum is non-finite if any loss so far was
-                        raise _non_finite(f"the training loss became {total}", epoch, i, folder)
-                    bar.set_postfix(loss=f"{total / sums.seen:.4f}")
+                if i % 25 == 0 and (mean := running.read(sums.loss_sum / sums.seen)) is not None:
+                    if not math.isfinite(mean):  # the mean is non-finite if any loss so far was
+                        raise _non_finite(f"the training loss became {mean}", epoch, i, folder)
+                    bar.set_postfix(loss=f"{mean:.4f}")
             total = sums.loss_sum.item()
             if not math.isfinite(total):
                 raise _non_finite(f"the training loss became {total}", epoch, sums.batches - 1, folder)
+            # a NaN gradient in the last step: the loss was finite, the weights are not
             if not bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
-                raise _non_finite(
-                    "the weights became non-finite", epoch, sums.batches - 1, folder
-                )  # a NaN gradient
+                raise _non_finite("the weights became non-finite", epoch, sums.batches - 1, folder)
             sums.train_seconds += time.perf_counter() - started
             metrics: dict[str, Any] = {
                 "epoch": epoch + 1,
