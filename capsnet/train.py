@@ -354,20 +354,20 @@ def fit(
                 shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
                 tqdm.write(strict_json(shown))
             if folder is not None:
-                folder.commit(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng": _rng_state(),
-                        "epoch": epoch + 1,
-                        "elapsed": sum(m["seconds"] for m in history),
-                        "history": history,
-                        "record": record,
-                        "cut_short": sums.state() if sums.batches < len(train) else None,
-                    }
-                )
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(),
+                    "epoch": epoch + 1,
+                    "elapsed": sum(m["seconds"] for m in history),
+                    "history": history,
+                    "record": record,
+                }
+                if sums.batches < len(train):  # the step budget ran out in this epoch
+                    state["cut_short"] = sums.state()
+                folder.commit(state)
     return history
 
 
