@@ -274,6 +274,8 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(lr_decay, decay_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     folder = RunFolder(out_dir) if out_dir is not None else None
+    if folder is not None:
+        folder.check(resume)  # refused before the folder is made; checked again once it is held
     record = {**(record or {}), "precision": precision, "hardware": describe(device), "epochs": epochs}
     tests = {
         name: batches for name, batches in {"test": test, **(more_tests or {})}.items() if batches is not None

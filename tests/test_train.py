@@ -155,6 +155,7 @@ def test_resume_needs_a_run(tmp_path):
         _train("baseline", None, 1, resume=True)
     with pytest.raises(FileNotFoundError, match="holds no run to resume"):
         _train("baseline", tmp_path / "empty", 1, resume=True)
+    assert not (tmp_path / "empty").exists()  # refused before anything was made
 
 
 def test_bad_arguments():
