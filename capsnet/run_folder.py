@@ -28,6 +28,7 @@ in use is refused.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -40,7 +41,7 @@ from filelock import FileLock, Timeout
 
 from .checkpoint import load_checkpoint, save_checkpoint, write_atomically
 
-__all__ = ["RunFolder", "RunFolderError", "CHECKPOINT", "METRICS", "RECORD", "WEIGHTS", "LOCK"]
+__all__ = ["RunFolder", "RunFolderError", "strict_json", "CHECKPOINT", "METRICS", "RECORD", "WEIGHTS", "LOCK"]
 
 CHECKPOINT, METRICS, RECORD, WEIGHTS, LOCK = (
     "checkpoint.pt",
@@ -76,10 +77,12 @@ class RunFolder:
 
     @property
     def checkpoint(self) -> Path:
+        """``checkpoint.pt``, the source of truth."""
         return self.path / CHECKPOINT
 
     @property
     def weights(self) -> Path:
+        """``weights-fp16.pt``, the exported weights."""
         return self.path / WEIGHTS
 
     def records(self) -> list[str]:
@@ -125,7 +128,7 @@ class RunFolder:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not os.access(self.path, os.W_OK | os.X_OK):
-                raise PermissionError(f"Permission denied: {self.path}")
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.path))
             lock = FileLock(self.path / LOCK, timeout=0)
             lock.acquire()
         except Timeout as err:
