@@ -242,7 +242,7 @@ def fit(
         resume: continue from ``out_dir/checkpoint.pt``.
         progress: show progress bars.
         record: extra information for ``run.json`` and the checkpoint (e.g. the configuration
-            needed to rebuild the model).
+            needed to rebuild the model); a resumed run's starts from the stored one.
 
     Returns:
         One dict per epoch (also one line each of ``out_dir/metrics.jsonl``): ``epoch`` (1-based),
@@ -276,7 +276,7 @@ def fit(
     folder = RunFolder(out_dir) if out_dir is not None else None
     if folder is not None:
         folder.check(resume)  # refused before the folder is made; checked again once it is held
-    record = {**(record or {}), "precision": precision, "hardware": describe(device), "epochs": epochs}
+    settings = {"precision": precision, "hardware": describe(device), "epochs": epochs}
     tests = {
         name: batches for name, batches in {"test": test, **(more_tests or {})}.items() if batches is not None
     }
@@ -291,11 +291,13 @@ def fit(
             scaler.load_state_dict(checkpoint["scaler"])
             _set_rng_state(checkpoint["rng"])
             history, start_epoch = checkpoint["history"], checkpoint["epoch"]
+            record = {**checkpoint.get("record", {}), **(record or {})}
             _check_budget(epochs, max_steps, start_epoch, scheduler.last_epoch)
             if checkpoint.get("cut_short") and (max_steps is None or scheduler.last_epoch < max_steps):
                 # a step budget stopped the last epoch part way: finish it
                 start_epoch, history, cut_short = start_epoch - 1, history[:-1], checkpoint["cut_short"]
 
+        record = {**(record or {}), **settings}
         for epoch in range(start_epoch, epochs):
             if max_steps is not None and scheduler.last_epoch >= max_steps:
                 break

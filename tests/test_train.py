@@ -289,6 +289,20 @@ def test_metrics_and_run_record(tmp_path):
     assert _files(tmp_path) == ["checkpoint.pt", "metrics.jsonl", "run.json"]
 
 
+def test_a_resumed_run_keeps_its_record(tmp_path):
+    _train("baseline", tmp_path, 1, record={"config": {"note": "kept"}, "commands": ["first"]})
+    _train("baseline", tmp_path, 2, resume=True)  # no record passed: the stored one goes on
+    run_record = json.loads((tmp_path / "run.json").read_text())
+    assert (run_record["config"], run_record["commands"], run_record["epochs"]) == (
+        {"note": "kept"},
+        ["first"],
+        2,
+    )
+    _train("baseline", tmp_path, 3, resume=True, record={"commands": ["first", "second"]})
+    run_record = json.loads((tmp_path / "run.json").read_text())
+    assert (run_record["config"], run_record["commands"]) == ({"note": "kept"}, ["first", "second"])
+
+
 def test_without_test_batches_or_folder():
     torch.manual_seed(0)
     model = BUILDERS["capsnet"]()
