@@ -25,7 +25,15 @@ from .data import DownloadError, cache_dir, download_file
 from .sweeps import sweep_runs
 from .train import load_trained
 
-__all__ = ["REFERENCE_RUNS", "RUNS_URL", "load_reference", "reference_record", "runs_url", "sweep_records"]
+__all__ = [
+    "REFERENCE_RUNS",
+    "RUNS_URL",
+    "load_reference",
+    "recorded_file",
+    "reference_record",
+    "runs_url",
+    "sweep_records",
+]
 
 RUNS_URL = "https://raw.githubusercontent.com/capsnet-book/capsnet-book/main/runs/"
 RUNS_URL_VARIABLE = "CAPSNET_RUNS_URL"
@@ -43,6 +51,11 @@ _RECORD_FILES = ("run.json", "metrics.jsonl")
 _FILES = (*_RECORD_FILES, "weights-fp16.pt")
 
 
+def _checkout_runs() -> Path:
+    """The ``runs/`` folder of the checkout this module sits in (found at call time)."""
+    return Path(__file__).resolve().parent.parent / "runs"
+
+
 def _run_dir(
     name: str, download: bool, files: tuple[str, ...] = _FILES, root: str | Path | None = None
 ) -> Path:
@@ -53,24 +66,37 @@ def _run_dir(
         if not all((folder / f).is_file() for f in files):
             raise FileNotFoundError(f"run {name} is not recorded in {root}")
         return folder
-    checkout = Path(__file__).resolve().parent.parent / "runs" / name
+    checkout = _checkout_runs() / name
     if all((checkout / f).is_file() for f in files):
         return checkout
-    cached = cache_dir() / "runs" / name
     for file in files:
-        if (cached / file).is_file():
-            continue
-        if not download:
-            raise FileNotFoundError(f"reference run {name} is neither in {checkout} nor in {cached}")
-        try:
-            download_file([f"{runs_url()}{name}/{file}"], cached / file)
-        except DownloadError as err:
-            raise FileNotFoundError(
-                f"reference run {name}: {file} is not in {checkout} and could not be downloaded ({err}). "
-                "Run the chapter from a checkout of the book's repository, connect to the internet, "
-                f"or set ${RUNS_URL_VARIABLE} to a copy of the repository's runs/ folder."
-            ) from err
-    return cached
+        recorded_file(f"{name}/{file}", download)
+    return cache_dir() / "runs" / name
+
+
+def recorded_file(path: str, download: bool = True) -> Path:
+    """A file of the book's ``runs/`` folder (e.g. ``"bench/cpu-2core.json"``): from the checkout
+    if the package sits in one, else from the user cache, downloaded there once from
+    :func:`runs_url` if needed.
+
+    Raises:
+        FileNotFoundError: the file is in neither place and could not be downloaded; the message
+            says what to do.
+    """
+    checkout, cached = _checkout_runs() / path, cache_dir() / "runs" / path
+    for candidate in (checkout, cached):
+        if candidate.is_file():
+            return candidate
+    if not download:
+        raise FileNotFoundError(f"runs/{path} is neither in {checkout} nor in {cached}")
+    try:
+        return download_file([f"{runs_url()}{path}"], cached)
+    except DownloadError as err:
+        raise FileNotFoundError(
+            f"runs/{path} is not in {checkout} and could not be downloaded ({err}). Run the chapter "
+            "from a checkout of the book's repository, connect to the internet, "
+            f"or set ${RUNS_URL_VARIABLE} to a copy of the repository's runs/ folder."
+        ) from err
 
 
 def _check_reference(name: str) -> None:

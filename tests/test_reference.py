@@ -95,3 +95,20 @@ def test_no_files_and_no_network_gives_an_actionable_error(tmp_path, monkeypatch
     monkeypatch.setattr(reference, "download_file", offline)
     with pytest.raises(FileNotFoundError, match="could not be downloaded.*checkout of the book"):
         capsnet.load_reference()
+
+
+def test_recorded_files_come_from_the_mirror_named_by_the_environment(tmp_path, monkeypatch):
+    # Colab without a checkout: runs/ files are downloaded from $CAPSNET_RUNS_URL when it is set
+    # (a file:// mirror here, as in the simulated Colab check), once, into the cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(reference, "__file__", str(tmp_path / "site-packages" / "capsnet" / "reference.py"))
+    mirror = tmp_path / "mirror"
+    (mirror / "bench").mkdir(parents=True)
+    (mirror / "bench" / "cpu-2core.json").write_text('{"batch_size": 128}')
+    monkeypatch.setenv("CAPSNET_RUNS_URL", mirror.as_uri())
+    assert reference.runs_url() == mirror.as_uri() + "/"
+    path = reference.recorded_file("bench/cpu-2core.json")
+    assert path == tmp_path / "cache" / "capsnet" / "runs" / "bench" / "cpu-2core.json"
+    assert json.loads(path.read_text()) == {"batch_size": 128}
+    monkeypatch.delenv("CAPSNET_RUNS_URL")
+    assert reference.runs_url() == reference.RUNS_URL
