@@ -854,12 +854,16 @@ def _resumed(stored: TrainConfig, given: TrainConfig, explicit: Collection[str] 
 def load_trained(path: str | Path, device: torch.device | str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a model from a run's ``checkpoint.pt`` or ``weights-fp16.pt``; returns it (in
     float32, eval mode, on ``device``: the CPU unless one is given) and the run's record
-    (configuration, hardware, ...). The file is always read onto the CPU first."""
+    (configuration, hardware, ...). The file is always read onto the CPU first, and its record is
+    checked (:func:`config_of`) before any model is built.
+
+    Raises:
+        CheckpointError: the file is damaged, not capsnet's, or describes an invalid model.
+    """
     device = torch.device(device) if device is not None else torch.device("cpu")
     state = load_checkpoint(path, map_location="cpu")
-    record = state.get("record", {})
-    if "config" not in record:
-        raise ValueError(f"{path} has no run configuration: it was not written by capsnet.train")
+    config_of(state, path)
+    record = state["record"]
     model = build_model(record["config"]["model"], **record["model_kwargs"])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
     return model.to(device).eval(), record

@@ -17,7 +17,7 @@ import torch
 
 import capsnet
 import capsnet.train as train_module
-from capsnet.checkpoint import CheckpointError, load_checkpoint
+from capsnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from capsnet.data import DataError, DeviceBatches, locate_file
 from capsnet.hardware import _cpu_has_bf16, autocast, describe, resolve_precision
 from capsnet.losses import margin_loss, reconstruction_loss
@@ -448,8 +448,25 @@ def test_export_weights_and_load_trained(tmp_path, mnist_root):
 
 def test_load_trained_needs_a_run_configuration(tmp_path):
     _train("baseline", tmp_path, 1)  # no record: fit alone does not know how to rebuild the model
-    with pytest.raises(ValueError, match="no run configuration"):
+    with pytest.raises(CheckpointError, match="no run configuration"):
         load_trained(tmp_path / "checkpoint.pt", "cpu")
+
+
+def test_load_trained_checks_a_crafted_record_before_building_anything(tmp_path, monkeypatch):
+    # A record that asks for an absurd model is refused from its description alone: build_model
+    # is never called (it would try to allocate the weights).
+    state = {
+        "model": {},
+        "record": {
+            "config": {**asdict(TrainConfig().resolved()), "model": "capsnet"},
+            "model_kwargs": {"conv_channels": 10**9},
+        },
+    }
+    path = tmp_path / "weights-fp16.pt"
+    save_checkpoint(path, state)
+    monkeypatch.setattr(train_module, "build_model", lambda *a, **k: pytest.fail("built a model"))
+    with pytest.raises(CheckpointError):
+        load_trained(path, "cpu")
 
 
 def test_train_config_takes_sizes_from_the_profile(monkeypatch):
