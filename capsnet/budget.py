@@ -34,7 +34,16 @@ from .matrix_capsules import MatrixCapsNet
 from .models import CapsNet
 from .profiles import Profile, chapter_sizes, get_profile
 
-__all__ = ["BUDGETS", "MACHINES", "Machine", "Work", "announce", "chapter_seconds", "chapter_work"]
+__all__ = [
+    "BUDGETS",
+    "MACHINES",
+    "Machine",
+    "Work",
+    "announce",
+    "chapter_seconds",
+    "chapter_work",
+    "training_estimate",
+]
 
 SETUP_SECONDS = 60.0
 
@@ -271,3 +280,18 @@ def announce(chapter: int, profile: str | Profile | None = None) -> str:
         )
     print(line)
     return line
+
+
+def training_estimate(model: nn.Module, input_size: int, images: int, batch_size: int) -> str:
+    """How long training ``model`` on ``images`` images (all epochs together) takes, on a Colab T4
+    and on a laptop CPU at :data:`MACHINES`' rates: a line to print before a long run starts."""
+    if isinstance(model, CapsNet):
+        flops = flops_per_image(model)["training"]
+    else:
+        flops = 3 * _cnn_flops(model, input_size)
+    work = Work("training", flops * images, _batches(images, batch_size))
+    times = [
+        f"{_duration(m.seconds(work))} on {m.name} ({m.device_flops / 1e12:g} TFLOP/s)"
+        for m in MACHINES.values()
+    ]
+    return f"{images:,} training images at {flops / 1e9:.2f} GFLOP each: about " + ", ".join(times)

@@ -55,6 +55,8 @@ def _train(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     if not args.resume:  # every option is checked before the folder is touched
         config = checked_config(config, device)
+        if config.profile == "paper":  # hours: say so before they start
+            print(f"profile paper: {_estimate(config)}", flush=True)
     out = Path(args.out) if args.out else Path("runs") / f"{config.dataset}-{config.model}-seed{config.seed}"
     command = "python -m capsnet " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     folder = RunFolder(out)
@@ -84,6 +86,18 @@ def _train(args: argparse.Namespace) -> int:
         f"on {final['test_images']} images, weights in {out / final['weights']}"
     )
     return 0
+
+
+def _estimate(config: Any) -> str:
+    """The expected training time of a resolved ``config`` (see :mod:`capsnet.budget`)."""
+    from .budget import training_estimate
+    from .models import build_model
+
+    model = build_model(config.model, **config.model_kwargs())
+    images = config.train_size or 60_000  # every data set here has 60,000 training images
+    side = GENERATED[config.dataset].canvas if config.dataset in GENERATED else 28
+    total = config.steps * config.batch_size if config.steps else images * config.epochs
+    return training_estimate(model, side, total, config.batch_size)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

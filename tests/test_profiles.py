@@ -119,3 +119,15 @@ def test_profiles_module_has_no_size_outside_its_table() -> None:
     assert set(vars(profiles.Profile)["__dataclass_fields__"]) == {
         "name", "train_size", "test_size", "epochs", "batch_size", "meant_for"
     }  # fmt: skip
+
+
+def test_training_estimate_before_a_paper_run() -> None:
+    from capsnet.cli import _estimate
+    from capsnet.train import TrainConfig
+
+    line = _estimate(TrainConfig(profile="paper").resolved())
+    # 50 epochs x 60,000 images x 1.2 GFLOP = 3.6 PFLOP: under half an hour at 4 TFLOP/s, hours on a laptop
+    assert line.startswith("3,000,000 training images at 1.20 GFLOP each")
+    assert " min on a Colab T4 GPU" in line and " h on a laptop CPU" in line
+    steps = _estimate(TrainConfig(profile="paper", steps=100, batch_size=64).resolved())
+    assert steps.startswith("6,400 training images")
