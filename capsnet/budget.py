@@ -42,6 +42,7 @@ __all__ = [
     "announce",
     "chapter_seconds",
     "chapter_work",
+    "estimate_line",
     "training_estimate",
 ]
 
@@ -264,9 +265,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def announce(chapter: int, profile: str | Profile | None = None) -> str:
-    """A line for the top of a chapter: its profile and how long it should take (printed, and
-    returned). Under ``paper`` it warns that the chapter takes the paper's time."""
+def estimate_line(chapter: int, profile: str | Profile | None = None) -> str:
+    """The chapter's profile and how long it should take, in one line. Under ``paper`` it warns
+    that the chapter takes the paper's time and says how to get the short version."""
     p = profile if isinstance(profile, Profile) else get_profile(profile)
     machine = MACHINES[MACHINE_OF_PROFILE[p.name]]
     seconds = chapter_seconds(chapter, p)
@@ -278,8 +279,12 @@ def announce(chapter: int, profile: str | Profile | None = None) -> str:
             f". That is the paper's full setup; for a {_duration(BUDGETS['colab'][1])} version set "
             "CAPSNET_PROFILE=colab (or cpu) and restart the kernel."
         )
-    print(line)
     return line
+
+
+def announce(chapter: int, profile: str | Profile | None = None) -> None:
+    """Print :func:`estimate_line` at the top of a chapter."""
+    print(estimate_line(chapter, profile))
 
 
 def training_estimate(model: nn.Module, input_size: int, images: int, batch_size: int) -> str:

@@ -33,11 +33,12 @@ It prints the wall time of each notebook and the hardware it ran on.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,22 +136,30 @@ def run_notebooks(
     os.environ["CAPSNET_PROFILE"] = profile
     os.environ.pop("MPLBACKEND", None)
 
-    def run(path: Path) -> Outcome:
-        source = path.resolve()
-        target = output_dir.resolve() / source.name if output_dir is not None else source
-        start = time.perf_counter()
-        try:
-            seconds = execute(source, target, profile, timeout, kernel)
-        except CellExecutionError as error:
-            seconds = time.perf_counter() - start
-            print(f"{path} FAILED after {seconds:.1f} s (not written)\n{error}", file=sys.stderr, flush=True)
-            return Outcome(path, None, seconds, str(error))
-        print(f"{path} {seconds:.1f} s -> {target}", flush=True)
-        return Outcome(path, target, seconds, None)
-
     print(f"profile {profile}, release {RELEASE}; {describe()}", flush=True)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(run, notebooks))
+    tasks = [(path, output_dir, profile, timeout, kernel) for path in notebooks]
+    if jobs == 1:
+        return [_run_one(task) for task in tasks]
+    # One process per notebook client: nbclient's clients share zmq and asyncio state within a
+    # process, and in threads a client can miss its kernel's replies and wait forever.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_run_one, tasks))
+
+
+def _run_one(task: tuple[Path, Path | None, str, int, str]) -> Outcome:
+    """Execute one notebook (see :func:`run_notebooks`) and print how it went."""
+    path, output_dir, profile, timeout, kernel = task
+    source = path.resolve()
+    target = output_dir.resolve() / source.name if output_dir is not None else source
+    start = time.perf_counter()
+    try:
+        seconds = execute(source, target, profile, timeout, kernel)
+    except CellExecutionError as error:
+        seconds = time.perf_counter() - start
+        print(f"{path} FAILED after {seconds:.1f} s (not written)\n{error}", file=sys.stderr, flush=True)
+        return Outcome(path, None, seconds, str(error))
+    print(f"{path} {seconds:.1f} s -> {target}", flush=True)
+    return Outcome(path, target, seconds, None)
 
 
 def main(argv: list[str] | None = None) -> int:
