@@ -21,7 +21,7 @@ from .hardware import PRECISIONS
 from .models import MODELS
 from .profiles import PROFILES
 from .sweeps import SWEEPS
-from .train import GENERATED, LOSSES
+from .train import GENERATED, LOSSES, LR_SCHEDULES, RECIPES
 
 __all__ = ["main"]
 
@@ -30,7 +30,7 @@ __all__ = ["main"]
 _CONFIG_OPTIONS = (
     *("dataset", "model", "profile", "epochs", "steps", "test_every", "batch_size", "train_size"),
     *("test_size", "lr", "max_shift", "precision", "seed", "routing_iterations", "routing_gradient"),
-    *("coupling", "recon_weight", "loss"),
+    *("coupling", "recon_weight", "loss", "lr_schedule", "val_size"),
 )
 _FLAGS = {"no_decoder": "decoder", "no_squash": "squashed"}
 BENCH_MAX_STEPS = 10_000
@@ -41,9 +41,10 @@ class Interrupted(Exception):
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields set on the command line."""
+    """The TrainConfig fields set on the command line (a recipe's, then the options given)."""
     given = {name: getattr(args, name) for name in _CONFIG_OPTIONS if getattr(args, name) is not None}
-    return given | {field: False for flag, field in _FLAGS.items() if getattr(args, flag)}
+    recipe = RECIPES[args.recipe] if getattr(args, "recipe", None) else {}
+    return recipe | given | {field: False for flag, field in _FLAGS.items() if getattr(args, flag)}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -189,7 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="batch size (default: the profile's)")
     t.add_argument("--train-size", type=int, help="training examples, 0 = all (default: the profile's)")
     t.add_argument("--test-size", type=int, help="test examples, 0 = all (default: the profile's)")
-    t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3; with onecycle: the peak)")
+    t.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help="paper: x0.96 every 2,000 steps (default); onecycle: linear warm-up over 15%% of the budget, "
+        "then cosine decay to 0 at its end",
+    )
+    t.add_argument(
+        "--val-size",
+        type=int,
+        help="training images held out for validation, the same for every run (default 0); "
+        "evaluated as val_* beside the test set",
+    )
+    t.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="a named set of options, each overridden by the option itself if given; fast: "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["fast"].items()),
+    )
     t.add_argument(
         "--max-shift", type=int, help="random shift in pixels (default 2; at most a quarter of the image)"
     )

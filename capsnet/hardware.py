@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast", "default_device", "describe", "resolve_precision"]
+__all__ = ["PRECISIONS", "autocast", "cpu_isa", "default_device", "describe", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -74,11 +74,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The vector instructions PyTorch's CPU kernels use (``ATEN_CPU_CAPABILITY`` can lower them),
+    and oneDNN's limit if ``ONEDNN_MAX_CPU_ISA`` sets one: e.g. ``"AVX512"`` or
+    ``"AVX2 (oneDNN at most AVX2)"``."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{isa} (oneDNN at most {limit})" if limit else isa
+
+
 def describe(device: torch.device | None = None) -> str:
-    """E.g. ``"CPU: AMD EPYC, 2 threads of 2 cores; torch 2.13.0"`` or ``"CUDA: NVIDIA T4; torch 2.5.1"``."""
+    """E.g. ``"CPU: AMD EPYC, 2 threads of 2 cores, AVX512; torch 2.13.0"`` or
+    ``"CUDA: NVIDIA T4; torch 2.5.1"``."""
     device = device or default_device()
     if device.type == "cuda":
         what = f"CUDA: {torch.cuda.get_device_name(device)}"
     else:
-        what = f"CPU: {_cpu_name()}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+        what = f"CPU: {_cpu_name()}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, {cpu_isa()}"
     return f"{what}; torch {torch.__version__}"

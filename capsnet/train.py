@@ -37,7 +37,9 @@ from .run_folder import RunFolder, strict_json
 
 __all__ = [
     "ConfigError",
+    "LR_SCHEDULES",
     "NonFiniteLossError",
+    "RECIPES",
     "RESUMABLE",
     "TrainConfig",
     "batch_loss",
@@ -126,6 +128,24 @@ def _lr_lambda(decay: float, steps: int):
     return lambda step: decay ** (step / steps)
 
 
+LR_SCHEDULES = ("paper", "onecycle")
+
+
+def _one_cycle(total_steps: int, warmup: float = 0.15, start: float = 0.04):
+    """The ``onecycle`` schedule's factor of the peak rate at each step: a linear warm-up from
+    ``start`` to 1 over the first ``warmup`` of ``total_steps``, then a cosine decay to 0 at the
+    last step (Smith & Topin 2019). Fixed in advance by the step budget."""
+    rise = max(1, round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < rise:
+            return start + (1 - start) * step / rise
+        done = min(1.0, (step - rise) / max(1, total_steps - rise))
+        return 0.5 * (1 + math.cos(math.pi * done))
+
+    return factor
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -210,6 +230,7 @@ def fit(
     lr: float = 1e-3,
     lr_decay: float = 0.96,
     decay_steps: int = 2000,
+    lr_schedule: str = "paper",
     recon_weight: float = 5e-4,
     loss: str = "margin",
     max_steps: int | None = None,
@@ -247,7 +268,8 @@ def fit(
     Returns:
         One dict per epoch (also one line each of ``out_dir/metrics.jsonl``): ``epoch`` (1-based),
         ``step`` (optimiser steps so far), ``lr`` (the rate the next step will use),
-        ``train_loss``, ``train_accuracy``, ``train_images_per_s``, ``seconds`` (the epoch's wall
+        ``train_loss``, ``train_accuracy``, ``train_images_per_s``, ``train_seconds`` (the
+        epoch's training time, without evaluation), ``seconds`` (the epoch's wall
         time) and, with ``test``, ``test_loss``, ``test_accuracy`` and ``test_error`` (in %).
 
     Raises:
@@ -271,7 +293,13 @@ def fit(
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(lr_decay, decay_steps))
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+    if lr_schedule == "paper":
+        factor = _lr_lambda(lr_decay, decay_steps)
+    else:  # the whole budget, known in advance: max_steps, or every step of every epoch
+        factor = _one_cycle(max_steps if max_steps is not None else epochs * len(train))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     folder = RunFolder(out_dir) if out_dir is not None else None
     if folder is not None:
@@ -342,6 +370,7 @@ def fit(
                 "train_loss": total / sums.seen,
                 "train_accuracy": sums.correct.item() / sums.seen,
                 "train_images_per_s": sums.seen / sums.train_seconds,
+                "train_seconds": sums.train_seconds,
             }
             last = epoch + 1 == epochs or (max_steps is not None and scheduler.last_epoch >= max_steps)
             if (epoch + 1) % test_every == 0 or last:
@@ -433,6 +462,8 @@ class TrainConfig:
     squashed: bool = True
     steps: int | None = None
     test_every: int = 1
+    lr_schedule: str = "paper"
+    val_size: int = 0
 
     def resolved(self) -> TrainConfig:
         """Fill the ``None`` size fields from the profile (0 sizes mean the whole split) and check
@@ -552,14 +583,48 @@ def _subset(images: torch.Tensor, labels: torch.Tensor, size: int, seed: int):
     return images[idx], labels[idx]
 
 
+# Named sets of TrainConfig fields (`python -m capsnet train --recipe NAME`; options given beside
+# it win). fast: the paper's CapsNet to >= 99% MNIST test accuracy in a fixed budget that takes at
+# most 10 minutes of training on two AVX2 CPU cores (README, "Speed"; tools/time_to_accuracy.py):
+# a one-cycle schedule over a budget of steps fixed in advance, all training images but 5,000 held
+# out for validation, the test set evaluated once, at the end.
+RECIPES: dict[str, dict[str, Any]] = {
+    "fast": {
+        "dataset": "mnist",
+        "model": "capsnet",
+        "train_size": 0,
+        "test_size": 0,
+        "val_size": 5_000,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "lr_schedule": "onecycle",
+        "steps": 600,
+        "test_every": 1_000,
+    },
+}
+
+
+# Validation images are held out of the training split with this fixed seed, whatever the run's
+# seed, so that every run of a comparison is checked on the same images.
+VALIDATION_SEED = 2017
+
+
 def _digits(config: TrainConfig, split: str, root: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and labels a run draws from ``split`` of its source data set (MNIST for a
-    generated data set): ``train_size`` / ``test_size`` of them, chosen with the run's seed."""
+    generated data set): ``train_size`` / ``test_size`` of them, chosen with the run's seed.
+
+    ``split="val"``: the ``val_size`` training images held out for validation (the same for every
+    run); the ``train`` split then draws from the other training images only."""
     source = "mnist" if config.dataset in GENERATED else config.dataset
-    data = load_dataset(source, split, root)
-    if split == "train":
-        return _subset(data.images, data.labels, config.train_size, config.seed)
-    return _subset(data.images, data.labels, config.test_size, config.seed + 1)
+    data = load_dataset(source, "test" if split == "test" else "train", root)
+    if split == "test":
+        return _subset(data.images, data.labels, config.test_size, config.seed + 1)
+    order = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    held, kept = order[: config.val_size], order[config.val_size :]
+    if split == "val":
+        return data.images[held], data.labels[held]
+    images, labels = (data.images[kept], data.labels[kept]) if config.val_size else (data.images, data.labels)
+    return _subset(images, labels, config.train_size, config.seed)
 
 
 def make_data(
@@ -585,15 +650,21 @@ def make_data(
 def make_more_tests(
     config: TrainConfig, device: torch.device, root: str | Path | None = None
 ) -> dict[str, DeviceBatches]:
-    """The further test sets of a generated data set (e.g. ``affnist_style`` beside
-    ``translated-mnist``), made from the same test digits as its test split; else ``{}``."""
-    if config.dataset not in GENERATED:
-        return {}
-    digits = _digits(config, "test", root)
-    return {
-        name: DeviceBatches(*_generate(name, *digits, seed=config.seed + 2), 256, device)
-        for name in GENERATED[config.dataset].more_tests
-    }
+    """The further sets evaluated beside the test split: ``val``, the validation images held out
+    of the training split (with ``val_size``), and those of a generated data set (e.g.
+    ``affnist_style`` beside ``translated-mnist``, made from the same test digits as its test
+    split)."""
+    sets = {}
+    if config.val_size:
+        val = _digits(config, "val", root)
+        if config.dataset in GENERATED:
+            val = _generate(config.dataset, *val, seed=VALIDATION_SEED)
+        sets["val"] = DeviceBatches(*val, 256, device)
+    if config.dataset in GENERATED:
+        digits = _digits(config, "test", root)
+        for name in GENERATED[config.dataset].more_tests:
+            sets[name] = DeviceBatches(*_generate(name, *digits, seed=config.seed + 2), 256, device)
+    return sets
 
 
 # Bounds of the integer fields of TrainConfig (max_shift's depends on the image size). Batches
@@ -609,6 +680,7 @@ INTEGER_LIMITS: dict[str, tuple[int, int]] = {
     "routing_iterations": (1, 20),
     "steps": (1, 1_000_000_000),
     "test_every": (1, 1_000_000_000),
+    "val_size": (0, 30_000),
 }
 # The largest model a record may describe (the baseline CNN has 35M parameters, CapsNet 8M).
 MAX_PARAMETERS = 500_000_000
@@ -631,6 +703,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "routing_gradient": get_args(GradientMode),
         "coupling": get_args(CouplingMode),
         "loss": LOSSES,
+        "lr_schedule": LR_SCHEDULES,
     }
 
 
@@ -814,6 +887,7 @@ def run(
             lr=config.lr,
             lr_decay=config.lr_decay,
             decay_steps=config.decay_steps,
+            lr_schedule=config.lr_schedule,
             recon_weight=config.recon_weight if config.model == "capsnet" else 0.0,
             loss=config.loss,
             max_steps=config.steps,

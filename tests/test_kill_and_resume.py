@@ -34,7 +34,7 @@ from capsnet.run_folder import LOCK, RunFolder
 TINY_CAPSNET = {"conv_channels": 16, "primary_types": 4, "decoder_hidden": (32, 64)}
 ARGS = ["train", "--profile", "smoke", "--train-size", "48", "--test-size", "16", "--batch-size", "16"]
 ARGS += ["--epochs", "3", "--precision", "fp32", "--device", "cpu", "--quiet"]
-TIMINGS = {"seconds", "train_images_per_s"}
+TIMINGS = {"seconds", "train_images_per_s", "train_seconds"}
 FORK = multiprocessing.get_context("fork") if sys.platform != "win32" else None
 
 pytestmark = pytest.mark.skipif(FORK is None, reason="needs fork and SIGKILL")

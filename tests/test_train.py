@@ -43,7 +43,7 @@ BUILDERS = {
     # random couplings draw from the global random number generator, in evaluation too
     "capsnet-random": lambda: capsnet.CapsNet(**TINY_CAPSNET, coupling="random"),
 }
-TIMING_KEYS = {"seconds", "train_images_per_s"}
+TIMING_KEYS = {"seconds", "train_images_per_s", "train_seconds"}
 METRIC_KEYS = {
     "epoch",
     "step",
@@ -51,6 +51,7 @@ METRIC_KEYS = {
     "train_loss",
     "train_accuracy",
     "train_images_per_s",
+    "train_seconds",
     "test_loss",
     "test_accuracy",
     "test_error",
