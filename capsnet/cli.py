@@ -129,7 +129,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from .sweeps import run_sweep
 
-    trained = run_sweep(args.name, args.root, args.only)
+    extra = shlex.split(args.train_options or "")
+    trained = run_sweep(
+        args.name, args.root, args.only, time_budget=args.time_budget, parallel=args.parallel, extra=extra
+    )
     print(f"sweep {args.name}: trained {len(trained)} run(s); records in {Path(args.root) / args.name}")
     return 0
 
@@ -278,6 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", choices=sorted(SWEEPS), help="the sweep")
     s.add_argument("--root", default="runs", help="folder of the sweeps (default runs)")
     s.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs of the sweep")
+    s.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="measure one epoch first, then start only runs expected to finish within this many seconds "
+        "(the others are skipped with a note in ROOT/NAME/sweep.json)",
+    )
+    s.add_argument("--parallel", type=int, default=1, help="runs trained at the same time (default 1)")
+    s.add_argument(
+        "--train-options",
+        metavar="OPTIONS",
+        help='train options added to every run, e.g. "--train-size 512 --epochs 2" for a quick check',
+    )
     s.set_defaults(func=_sweep)
 
     b = sub.add_parser(

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .train import ConfigError
@@ -43,6 +45,21 @@ _FRACTIONS = {"1pct": 600, "5pct": 3000, "10pct": 6000, "100pct": 0}
 _TRANSLATED = ["--dataset", "translated-mnist", "--profile", "cpu", "--max-shift", "0"]
 _TRANSLATED += ["--train-size", "10000", "--test-size", "5000", "--batch-size", "64"]
 
+# Chapters 6 and 9, on a GPU: the paper's Table 1 (all of MNIST, the paper's schedule, 50 epochs
+# fixed in advance, the full test set after every epoch, so every run is tested on the same
+# images). In priority order: r = 3 with reconstruction, r = 1 with reconstruction, then both
+# without; three seeds each. Run it with a time budget (--time-budget): it measures one epoch
+# first and skips, with a note, the runs that would not finish in time.
+_PAPER_GPU = ["--dataset", "mnist", "--profile", "paper", "--train-size", "0", "--test-size", "0"]
+_PAPER_GPU += ["--epochs", "50", "--test-every", "1"]
+_TABLE1 = {
+    "r3-recon": ["--routing-iterations", "3"],
+    "r1-recon": ["--routing-iterations", "1"],
+    "r3-norecon": ["--routing-iterations", "3", "--no-decoder"],
+    "r1-norecon": ["--routing-iterations", "1", "--no-decoder"],
+}
+GPU_SEEDS = (0, 1, 2)
+
 SWEEPS: dict[str, dict[str, list[str]]] = {
     "ablations": {
         f"{name}-seed{seed}": [*_MNIST, "--train-size", "6000", "--epochs", "1", *args, "--seed", str(seed)]
@@ -63,6 +80,11 @@ SWEEPS: dict[str, dict[str, list[str]]] = {
         "capsnet": [*_TRANSLATED, "--model", "capsnet", "--epochs", "2"],
         "cnn-small": [*_TRANSLATED, "--model", "cnn-small", "--epochs", "6"],
     },
+    "paper-gpu": {
+        f"{name}-seed{seed}": [*_PAPER_GPU, *args, "--seed", str(seed)]
+        for name, args in _TABLE1.items()
+        for seed in GPU_SEEDS
+    },
 }
 
 
@@ -82,34 +104,136 @@ def _finished(folder: Path) -> bool:
     return record.is_file() and "final" in json.loads(record.read_text())
 
 
-def run_sweep(name: str, root: str | Path = "runs", only: list[str] | None = None) -> list[str]:
-    """Run the unfinished runs of sweep ``name`` (or just those in ``only``) into ``root/name``;
-    returns the names of the runs it trained. Each run is a ``python -m capsnet train`` process,
-    so its ``run.json`` records the exact command. A run with a checkpoint is resumed (however it
-    was interrupted: see :mod:`capsnet.run_folder`).
+def _command(name: str, run: str, args: list[str], folder: Path, extra: list[str]) -> list[str]:
+    resume = ["--resume"] if (folder / "checkpoint.pt").is_file() else []
+    return [sys.executable, "-m", "capsnet", "train", *args, *extra, "--out", str(folder), *resume, "--quiet"]
+
+
+def _failed(name: str, run: str, status: int) -> SweepError:
+    return SweepError(
+        f"sweep {name}: run {run} failed (exit status {status}, its error is above); fix the cause and "
+        "run the sweep again: finished runs are skipped and this one resumes"
+    )
+
+
+def _epochs(options: list[str]) -> int:
+    """The ``--epochs`` these train options ask for (the last one given wins, as in argparse)."""
+    given = [options[i + 1] for i, option in enumerate(options[:-1]) if option == "--epochs"]
+    if not given:
+        raise ConfigError("a sweep with a time budget needs runs with --epochs")
+    return int(given[-1])
+
+
+def _probe(name: str, root: Path, run: str, options: list[str]) -> dict[str, float]:
+    """Train one epoch of ``run`` into a scratch folder (removed afterwards) and return its
+    seconds: ``startup`` (process start, data, model, export) and ``epoch`` (training and tests)."""
+    folder = root / name / f".probe-{run}"
+    shutil.rmtree(folder, ignore_errors=True)
+    command = [
+        sys.executable,
+        "-m",
+        "capsnet",
+        "train",
+        *options,
+        "--epochs",
+        "1",
+        "--out",
+        str(folder),
+        "--quiet",
+    ]
+    started = time.monotonic()
+    try:
+        subprocess.run(command, check=True, env=os.environ.copy())
+        wall = time.monotonic() - started
+        epoch = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])["seconds"]
+    except subprocess.CalledProcessError as err:
+        raise _failed(name, f"{run} (its one-epoch measurement)", err.returncode) from err
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"epoch": epoch, "startup": max(0.0, wall - epoch)}
+
+
+def run_sweep(
+    name: str,
+    root: str | Path = "runs",
+    only: list[str] | None = None,
+    *,
+    time_budget: float | None = None,
+    parallel: int = 1,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """Run the unfinished runs of sweep ``name`` (or just those in ``only``), in the sweep's order,
+    into ``root/name``; returns the names of the runs it trained. Each run is a ``python -m
+    capsnet train`` process, so its ``run.json`` records the exact command. A run with a
+    checkpoint is resumed (however it was interrupted: see :mod:`capsnet.run_folder`).
+
+    Args:
+        time_budget: seconds the whole sweep may take. One epoch of the first run is measured
+            first; a run is then started only if it is expected to finish in time (``startup +
+            epochs x epoch``, times the number of runs sharing the machine), else skipped. What
+            was measured, trained and skipped (with the reason) goes to ``root/name/sweep.json``.
+        parallel: runs trained at the same time (several small runs may share one GPU).
+        extra: train options added to every run's (e.g. smaller sizes for a test).
 
     Raises:
-        ConfigError: an unknown sweep or run.
-        SweepError: a run failed; the sweep stops there, and running it again resumes that run.
+        ConfigError: an unknown sweep or run, or ``parallel < 1``.
+        SweepError: a run failed; runs already started finish, the sweep stops, and running it
+            again resumes that run.
     """
     runs = sweep_runs(name)
     unknown = sorted(set(only or ()) - set(runs))
     if unknown:
         raise ConfigError(f"sweep {name} has no run {', '.join(unknown)}; its runs: {', '.join(runs)}")
-    trained = []
-    for run, args in runs.items():
-        folder = Path(root) / name / run
-        if (only and run not in only) or _finished(folder):
-            continue
-        resume = ["--resume"] if (folder / "checkpoint.pt").is_file() else []
-        command = [sys.executable, "-m", "capsnet", "train", *args, "--out", str(folder), *resume, "--quiet"]
+    if parallel < 1:
+        raise ConfigError(f"parallel must be at least 1, got {parallel}")
+    root, extra = Path(root), list(extra or [])
+    todo = [
+        (run, args)
+        for run, args in runs.items()
+        if not (only and run not in only) and not _finished(root / name / run)
+    ]
+    started = time.monotonic()
+    record: dict = {"sweep": name, "time_budget_s": time_budget, "parallel": parallel, "extra": extra}
+    if time_budget is not None and todo:
+        record["probe"] = {"run": todo[0][0], **_probe(name, root, todo[0][0], [*todo[0][1], *extra])}
+    trained, skipped, running, failures = [], [], [], []
+    for run, args in todo:
+        if time_budget is not None:
+            probe = record["probe"]
+            expected = probe["startup"] + _epochs([*args, *extra]) * probe["epoch"]
+            sharing = min(len(running) + 1, parallel)  # conservatively: no speed-up from sharing
+            left = time_budget - (time.monotonic() - started)
+            if expected * sharing > left:
+                reason = (
+                    f"expected {expected * sharing:.0f} s, {max(left, 0):.0f} s left of {time_budget:.0f} s"
+                )
+                print(f"sweep {name}: skipping {run}: {reason}", flush=True)
+                skipped.append({"run": run, "reason": reason})
+                continue
+        while len(running) >= parallel:
+            failures += _wait_one(running, trained)
+        if failures:
+            break
         print(f"sweep {name}: {run}", flush=True)
-        try:
-            subprocess.run(command, check=True, env=os.environ.copy())
-        except subprocess.CalledProcessError as err:
-            raise SweepError(
-                f"sweep {name}: run {run} failed (exit status {err.returncode}, its error is above); fix the "
-                "cause and run the sweep again: finished runs are skipped and this one resumes"
-            ) from err
-        trained.append(run)
+        folder = root / name / run
+        process = subprocess.Popen(_command(name, run, args, folder, extra), env=os.environ.copy())
+        running.append((run, process))
+    while running:
+        failures += _wait_one(running, trained)
+    if time_budget is not None or parallel > 1:
+        record.update(trained=trained, skipped=skipped, seconds=time.monotonic() - started)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "sweep.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    if failures:
+        raise _failed(name, *failures[0])
     return trained
+
+
+def _wait_one(running: list[tuple[str, subprocess.Popen]], trained: list[str]) -> list[tuple[str, int]]:
+    """Wait for the first of ``running`` to end; record it in ``trained`` or return its failure."""
+    run, process = running.pop(0)
+    status = process.wait()
+    if status != 0:
+        return [(run, status)]
+    trained.append(run)
+    return []

@@ -47,9 +47,28 @@ def _fake_run(folder, finished: bool = True, checkpoint: bool = False):
         (folder / "checkpoint.pt").write_bytes(b"")
 
 
-def test_run_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: calls.append(command))
+class FakeProcess:
+    """Stands in for subprocess.Popen: records the command and ends with ``status``."""
+
+    calls: list[list[str]] = []
+    status = 0
+
+    def __init__(self, command, **kwargs):
+        FakeProcess.calls.append(command)
+
+    def wait(self) -> int:
+        return FakeProcess.status
+
+
+@pytest.fixture
+def fake_processes(monkeypatch):
+    FakeProcess.calls, FakeProcess.status = [], 0
+    monkeypatch.setattr(subprocess, "Popen", FakeProcess)
+    return FakeProcess
+
+
+def test_run_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, fake_processes):
+    calls = fake_processes.calls
     _fake_run(tmp_path / "affnist" / "capsnet")
     _fake_run(tmp_path / "affnist" / "cnn-small", finished=False, checkpoint=True)
     assert run_sweep("affnist", tmp_path) == ["cnn-small"]
@@ -78,13 +97,64 @@ def test_sweep_records_refuse_an_unfinished_run(tmp_path):
         sweep_records("affnist", root=tmp_path)
 
 
-def test_a_failed_run_stops_the_sweep_with_one_line(tmp_path, monkeypatch, capsys):
-    def fail(command, **kwargs):
-        raise subprocess.CalledProcessError(1, command)
-
-    monkeypatch.setattr(subprocess, "run", fail)
+def test_a_failed_run_stops_the_sweep_with_one_line(tmp_path, fake_processes, capsys):
+    fake_processes.status = 1
     with pytest.raises(SweepError, match="run capsnet failed .*exit status 1.*this one resumes"):
         run_sweep("affnist", tmp_path)
     assert main(["sweep", "affnist", "--root", str(tmp_path)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("python -m capsnet sweep: error: sweep affnist: run capsnet failed")
+
+
+def test_paper_gpu_sweep_is_table_1_in_priority_order():
+    runs = sweep_runs("paper-gpu")
+    parts = ["r3-recon", "r1-recon", "r3-norecon", "r1-norecon"]
+    assert list(runs) == [f"{part}-seed{seed}" for part in parts for seed in (0, 1, 2)]
+    for run, args in runs.items():
+        config = build_parser().parse_args(["train", *args])
+        # all of MNIST, the paper's schedule for 50 epochs fixed in advance, the full test set
+        # (so the same images) after every epoch
+        assert (config.train_size, config.test_size, config.epochs, config.test_every) == (0, 0, 50, 1)
+        assert config.profile == "paper" and config.lr is None and config.steps is None
+        assert config.routing_iterations == int(run[1])
+        assert bool(config.no_decoder) == ("norecon" in run)
+
+
+TINY = [
+    "--profile",
+    "smoke",
+    "--train-size",
+    "64",
+    "--test-size",
+    "32",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "1",
+]
+
+
+def test_a_time_budget_measures_an_epoch_first_and_skips_runs_that_would_not_finish(tmp_path):
+    only = ["r3-recon-seed0", "r1-recon-seed0"]
+    trained = run_sweep("paper-gpu", tmp_path, only, time_budget=600, extra=TINY)
+    assert trained == only
+    record = json.loads((tmp_path / "paper-gpu" / "sweep.json").read_text())
+    assert record["probe"]["run"] == "r3-recon-seed0" and record["probe"]["epoch"] > 0
+    assert record["trained"] == only and record["skipped"] == []
+    assert not list((tmp_path / "paper-gpu").glob(".probe-*")), "the measurement's folder is removed"
+    for run in only:
+        run_record = json.loads((tmp_path / "paper-gpu" / run / "run.json").read_text())
+        assert run_record["final"]["test_images"] == 32
+    # A budget too short for anything: the rest is skipped, each with its reason, nothing trained.
+    assert run_sweep("paper-gpu", tmp_path, ["r3-norecon-seed0"], time_budget=0.5, extra=TINY) == []
+    record = json.loads((tmp_path / "paper-gpu" / "sweep.json").read_text())
+    assert [s["run"] for s in record["skipped"]] == ["r3-norecon-seed0"]
+    assert "left of 0 s" in record["skipped"][0]["reason"]
+
+
+def test_runs_can_share_the_machine(tmp_path):
+    only = ["r1-norecon-seed0", "r1-norecon-seed1"]
+    assert sorted(run_sweep("paper-gpu", tmp_path, only, parallel=2, extra=TINY)) == only
+    assert json.loads((tmp_path / "paper-gpu" / "sweep.json").read_text())["parallel"] == 2
+    with pytest.raises(ValueError, match="parallel must be at least 1"):
+        run_sweep("paper-gpu", tmp_path, only, parallel=0)
