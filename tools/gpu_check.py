@@ -25,9 +25,13 @@ On this project's GPU machine (Python 3.12 with PyTorch; no Jupyter kernel, no i
 ``bash tools/gpu_wheels.sh`` here (wheels into .whl/, MNIST into .gpu-data/), then run, carrying
 ``.whl`` and ``.gpu-data``, from the repository root::
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CAPSNET_DATA=/tmp/data && cp -r .gpu-data /tmp/data || exit; python3 tools/gpu_check.py; rc=$?; cp runs/gpu-check/*.json runs/bench/*.json $OUT/; exit $rc
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CAPSNET_DATA=/tmp/data && cp -r .gpu-data /tmp/data || exit; python3 tools/gpu_check.py; rc=$?; python3 -m capsnet sweep paper-gpu --time-budget 240 --parallel 2; tar czf $OUT/paper-gpu.tgz --exclude='*.pt' runs/paper-gpu; cp runs/gpu-check/*.json runs/bench/*.json $OUT/; exit $rc
 
-and copy the files that come back into runs/gpu-check/ and runs/bench/.
+and copy the files that come back into runs/gpu-check/ and runs/bench/, and unpack paper-gpu.tgz
+into runs/. The sweep (``capsnet.sweeps``: the paper's Table 1, 50 epochs a run) measures one
+epoch first and trains, in priority order, only the runs that fit its time budget; raise the
+budget when more device time is left after the check (the device's whole allowance, start and
+transfers included, is what limits it).
 
 Usage elsewhere (from the repository root, with ``CAPSNET_DATA`` set)::
 
