@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .bench import flops_per_image, layer_multiply_adds
 from .matrix_capsules import MatrixCapsNet
 from .models import CapsNet
-from .profiles import Profile, chapter_sizes, get_profile
+from .profiles import PROFILES, Profile, chapter_sizes, get_profile
 
 __all__ = [
     "BUDGETS",
@@ -162,12 +162,23 @@ def _chapter8(s: Any, p: Profile) -> list[Work]:
 
 
 def _chapter9(s: Any, p: Profile) -> list[Work]:
-    flops, images = _capsnet(), p.train_size or 60_000
-    run = _train("live training run", flops, images, p.batch_size)
-    return [
-        Work(run.what, run.flops * p.epochs, run.steps * p.epochs),
-        _test("live run's tests", flops, (p.test_size or 10_000) * p.epochs),
-    ]
+    from .train import RECIPES
+
+    options = {**(RECIPES[s["recipe"]] if s["recipe"] else {}), **s["options"]}
+    sizes = PROFILES[options.get("profile", p.name)]
+    batch = options.get("batch_size", sizes.batch_size)
+    train_size = options.get("train_size", sizes.train_size) or 60_000 - options.get("val_size", 0)
+    test_size = options.get("test_size", sizes.test_size) or 10_000
+    flops = _capsnet()
+    if "steps" in options:
+        run = Work("live training run", flops["training"] * options["steps"] * batch, options["steps"])
+        tests = 1
+    else:
+        epochs = options.get("epochs", sizes.epochs)
+        run = _train("live training run", flops, train_size, batch)
+        run, tests = Work(run.what, run.flops * epochs, run.steps * epochs), epochs
+    checked = tests * (test_size + options.get("val_size", 0))
+    return [run, _test("live run's tests", flops, checked)]
 
 
 def _chapter10(s: Any, p: Profile) -> list[Work]:
@@ -249,8 +260,7 @@ def chapter_work(chapter: int, profile: str | Profile | None = None) -> list[Wor
     p = profile if isinstance(profile, Profile) else get_profile(profile)
     if chapter not in CHAPTER_WORK:
         return []
-    sizes = chapter_sizes(chapter, p) if chapter != 9 else {}
-    return CHAPTER_WORK[chapter](sizes, p)
+    return CHAPTER_WORK[chapter](chapter_sizes(chapter, p), p)
 
 
 def chapter_seconds(chapter: int, profile: str | Profile | None = None, machine: str | None = None) -> float:
