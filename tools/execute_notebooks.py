@@ -45,7 +45,7 @@ from pathlib import Path
 import nbformat
 import yaml
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
 import capsnet
 from capsnet.hardware import describe
@@ -154,7 +154,7 @@ def _run_one(task: tuple[Path, Path | None, str, int, str]) -> Outcome:
     start = time.perf_counter()
     try:
         seconds = execute(source, target, profile, timeout, kernel)
-    except CellExecutionError as error:
+    except (CellExecutionError, CellTimeoutError) as error:
         seconds = time.perf_counter() - start
         print(f"{path} FAILED after {seconds:.1f} s (not written)\n{error}", file=sys.stderr, flush=True)
         return Outcome(path, None, seconds, str(error))
