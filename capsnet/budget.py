@@ -213,7 +213,7 @@ def _chapter11(s: Any, p: Profile) -> list[Work]:
 
 def _chapter12(s: Any, p: Profile) -> list[Work]:
     flops = _capsnet(routing_iterations=5)
-    return [_test("reference model routed with r = 1..5", flops, s["n_test"] or 10_000, batch=100)]
+    return [_test("reference model routed with r = 1..5", flops, s["n_test"] or 10_000, "cpu", batch=100)]
 
 
 def _chapter14(s: Any, p: Profile) -> list[Work]:
