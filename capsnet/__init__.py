@@ -2,7 +2,8 @@
 
 Layers, bottom up: ``squashing`` and ``losses`` (tensor functions) -> ``routing`` ->
 ``layers`` -> ``models`` -> ``train``, ``bench``, ``budget``, ``reference``, ``plotting`` -> ``cli``.
-``profiles`` (run sizes, and every chapter's sizes) stands below them all.
+``profiles`` (run sizes, and every chapter's sizes) stands below them all; ``tables`` (results
+tables for the chapters) stands apart.
 ``multidigit`` (two overlapping digits) and ``sweeps`` (the recorded experiments) sit beside ``train``.
 ``data`` (and the toy ``faces``) stand apart and know nothing of models.
 Matrix capsules (Hinton, Sabour & Frosst 2018): ``routing_em`` sits beside ``routing``,
@@ -20,13 +21,14 @@ from .matrix_capsules import (
     PrimaryMatrixCapsules,
 )
 from .models import BaselineCNN, CapsNet, CapsNetOutput, Decoder
-from .plotting import use_book_style
+from .plotting import frames_player, use_book_style
 from .profiles import Profile, chapter_sizes, get_profile
 from .reference import load_reference
 from .routing import dynamic_routing, fixed_couplings
 from .routing_em import EMRoutingOutput, em_routing, em_routing_reference, inverse_temperatures
 from .routing_reference import dynamic_routing_reference
 from .squashing import capsule_length, squash
+from .tables import Table
 
 __version__ = "0.2.0"
 
@@ -44,6 +46,7 @@ __all__ = [
     "PrimaryMatrixCapsules",
     "Profile",
     "RoutingCapsules",
+    "Table",
     "budget",
     "capsule_length",
     "chapter_sizes",
@@ -52,6 +55,7 @@ __all__ = [
     "em_routing",
     "em_routing_reference",
     "fixed_couplings",
+    "frames_player",
     "get_profile",
     "inverse_temperatures",
     "load_reference",

@@ -1,11 +1,18 @@
-"""The book's shared matplotlib style: opaque white figures that read in light and dark themes
-and at phone width."""
+"""The book's figures: a shared matplotlib style (opaque white figures that read in light and
+dark themes, drawn at twice the pixel density so they stay sharp on phones) and a slider that
+works without a kernel (precomputed frames driven by JavaScript in the page)."""
 
 from __future__ import annotations
 
-import matplotlib as mpl
+from collections.abc import Callable, Sequence
+from typing import Any
 
-__all__ = ["BOOK_STYLE", "use_book_style", "PALETTE"]
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+from matplotlib.animation import FuncAnimation
+from matplotlib.figure import Figure
+
+__all__ = ["BOOK_STYLE", "use_book_style", "PALETTE", "frames_player"]
 
 # Colour-blind-safe (Okabe-Ito) colours, in the order plots use them.
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
@@ -31,5 +38,33 @@ BOOK_STYLE: dict[str, object] = {
 
 
 def use_book_style() -> None:
-    """Apply the book's style to every figure drawn after this call."""
+    """Apply the book's style to every figure drawn after this call; in a notebook, also show
+    figures as retina PNGs (twice the pixels at the same displayed size)."""
     mpl.rcParams.update(BOOK_STYLE)
+    try:
+        from IPython import get_ipython
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+    except ImportError:  # not in IPython: nothing is shown inline
+        return
+    if get_ipython() is not None:
+        set_matplotlib_formats("retina")
+
+
+def frames_player(
+    fig: Figure, draw: Callable[[Any], None], values: Sequence[Any], *, interval_ms: int = 500
+) -> Any:
+    """A slider over ``values`` that needs no kernel: ``draw(value)`` redraws ``fig`` for one
+    value (clear what it draws first), every frame is rendered now, and the frames are embedded
+    in the notebook's output with a small JavaScript player (matplotlib's ``to_jshtml``), so the
+    slider also moves in the HTML book. Returns an ``IPython.display.HTML`` to display; ``fig``
+    is closed. Keep ``values`` short (each frame is one PNG in the page)."""
+    from IPython.display import HTML
+
+    if len(values) == 0:
+        raise ValueError("frames_player needs at least one value to draw")
+    animation = FuncAnimation(
+        fig, lambda i: draw(values[i]), frames=len(values), interval=interval_ms, repeat=False
+    )
+    page = animation.to_jshtml(default_mode="once")
+    plt.close(fig)
+    return HTML(page)
