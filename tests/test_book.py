@@ -98,14 +98,8 @@ def headings(nb: nbformat.NotebookNode) -> list[str]:
     return found
 
 
-def is_dropdown_solution(markdown: str) -> bool:
-    """A ```{admonition}``` (or ```{solution}```) directive with ``:class: dropdown``, or a
-    ```{dropdown}``` directive."""
-    if re.search(r"^\s*(`{3,}|:{3,})\{dropdown\}", markdown, flags=re.MULTILINE):
-        return True
-    directive = re.search(r"^\s*(`{3,}|:{3,})\{(admonition|solution)\}", markdown, flags=re.MULTILINE)
-    class_line = re.search(r"^\s*:class:[^\n]*\bdropdown\b", markdown, flags=re.MULTILINE)
-    return bool(directive and class_line and directive.start() < class_line.start())
+EXERCISE = re.compile(r"^(`{3,}|:{3,})\{exercise\}\n:label: (\S+)\n", re.MULTILINE)
+SOLUTION = re.compile(r"^(`{3,}|:{3,})\{solution\} (\S+)\n((?::\w+:.*\n)*)", re.MULTILINE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,23 +197,24 @@ def test_chapter_starts_with_a_title_and_the_colab_setup_cell(entry):
 
 @pytest.mark.parametrize("entry", CHAPTERS)
 def test_chapter_ends_with_summary_and_exercises_with_hidden_solutions(entry):
+    """One mechanism for the whole book: sphinx-exercise's numbered ``{exercise}`` with a label and
+    one ``{solution}`` per exercise that names it and starts closed (``:class: dropdown``)."""
     nb = read_chapter(entry)
     found = headings(nb)
     assert "Summary" in found, f"no 'Summary' heading; headings are {found}"
     assert "Exercises" in found, f"no 'Exercises' heading; headings are {found}"
-    after_exercises = False
-    solutions = 0
-    for cell in nb.cells:
-        if cell.cell_type != "markdown":
-            continue
-        if re.search(r"^#{1,6}\s+Exercises\s*$", cell.source, flags=re.MULTILINE):
-            after_exercises = True
-        if after_exercises and is_dropdown_solution(cell.source):
-            solutions += 1
-    assert solutions >= 1, (
-        "the Exercises section needs at least one hidden solution: a Markdown cell with "
-        "```{admonition} Solution / :class: dropdown"
+    markdown = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "markdown")
+    exercises = [m.group(2) for m in EXERCISE.finditer(markdown)]
+    solutions = {m.group(2): m.group(3) for m in SOLUTION.finditer(markdown)}
+    assert exercises, "the Exercises section needs ```{exercise} directives with a :label:"
+    assert len(set(exercises)) == len(exercises), f"an exercise label is used twice: {exercises}"
+    assert sorted(solutions) == sorted(exercises), (
+        f"every exercise needs exactly one {{solution}} that names it: exercises {exercises}, "
+        f"solutions {sorted(solutions)}"
     )
+    closed = [label for label, options in solutions.items() if ":class: dropdown" not in options]
+    assert not closed, f"solutions that would show their answer in plain view: {closed}"
+    assert "{admonition} Solution" not in markdown, "use {solution}, not an admonition"
 
 
 def unclosed_directives(markdown: str) -> list[str]:
