@@ -10,11 +10,13 @@ the first cell to the last, in the folder it is written to, with:
   full setup);
 - Jupyter's inline matplotlib backend (an ``MPLBACKEND`` from the environment is dropped for the
   kernel, or the figures would not be stored);
-- the state of every ipywidget saved into the notebook's metadata, so the widgets render from it;
+- no ipywidget state saved: the HTML book has no kernel, so its sliders are precomputed frames
+  (``capsnet.plotting.frames_player``); the ipywidgets versions, for Colab and Jupyter, sit in cells
+  the book removes, and their state would only make every page heavier;
 - the Colab install cell's ``CAPSNET_RELEASE = "v..."`` set to this package's version, so that a
   stored notebook names the release it was executed with (and installs that one on Colab).
 
-Nothing is stripped: outputs, widget state and metadata are written as the run leaves them, plus a
+Nothing is stripped: outputs and metadata are written as the run leaves them, plus a
 ``capsnet`` entry in the notebook metadata that records the release, the profile, the hardware used
 and the wall time. A notebook whose run fails is not written (in place: left untouched) and the tool
 exits with status 1.
@@ -106,7 +108,7 @@ def execute(source: Path, target: Path, profile: str, timeout: int, kernel: str)
         timeout=timeout,
         kernel_name=kernel,
         resources={"metadata": {"path": str(target.parent)}},
-        store_widget_state=True,
+        store_widget_state=False,
         record_timing=False,
     )
     start = time.perf_counter()
