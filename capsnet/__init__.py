@@ -30,7 +30,7 @@ from .routing_reference import dynamic_routing_reference
 from .squashing import capsule_length, squash
 from .tables import Table
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BaselineCNN",
