@@ -155,8 +155,10 @@ def spread_loss_margin(step: int, ramp_steps: int, start: float = 0.2, end: floa
     """The spread loss's margin schedule: ``start`` at step 0, rising linearly to ``end`` at
     ``ramp_steps`` and staying there.
 
-    The paper raises ``m`` from 0.2 to 0.9; counting epochs with ``ramp_steps=7`` gives its
-    0.1 per epoch. ``step`` and ``ramp_steps`` may count batches or epochs alike.
+    The paper starts ``m`` at 0.2 and raises it linearly to 0.9 during training; it does not say
+    over how many steps, so ``ramp_steps`` is ours to choose (``ramp_steps=7`` epochs, 0.1 per
+    epoch, is one common choice in re-implementations). ``step`` and ``ramp_steps`` may count
+    batches or epochs alike.
     """
     for name, value in (("step", step), ("ramp_steps", ramp_steps)):
         if isinstance(value, bool) or not isinstance(value, int):

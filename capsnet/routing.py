@@ -114,7 +114,8 @@ def dynamic_routing(
             pseudo-code reads literally. ``"last"`` is the default because it treats routing
             as an inference step (like the E-step of EM) rather than something to optimise
             through, needs no autograd graph for the earlier iterations (less memory and a
-            cheaper backward pass) and trains to the same accuracy; chapter 6 compares both.
+            cheaper backward pass). Whether it trains to the same accuracy as ``"all"`` is tested
+            only over short runs (chapter 6 compares both); not tested at the paper's scale.
         coupling: ``"dynamic"`` routes by agreement. ``"uniform"`` and ``"random"`` use fixed
             couplings (see :func:`fixed_couplings`) and ignore ``iterations``: ablations.
         generator: random source for ``coupling="random"``.
