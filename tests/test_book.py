@@ -389,3 +389,7 @@ def test_bibliography_page_lists_every_reference(book_build):
         title = re.search(r"title\s*=\s*\{(.*)\},?\s*$", entry, flags=re.MULTILINE).group(1)
         words = re.sub(r"[{}]", "", title).split()[:3]
         assert " ".join(words).lower() in page.lower(), f"bibliography page does not list {key} ({title})"
+    # Labels read like the author-year citations in the text, not alpha labels such as "[GT20]".
+    assert "Gu and Tresp, 2020" in page and "Sabour et al., 2017" in page
+    alpha_label = re.search(r">\[?[A-Z][A-Za-z+]{1,3}\d{2}\]?<", page)
+    assert not alpha_label, f"alpha-style label on the bibliography page: {alpha_label.group(0)}"
