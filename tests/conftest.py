@@ -3,8 +3,14 @@ notebooks included, is set in the repository root's conftest.py.)"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -18,6 +24,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "colab_sim: runs every chapter in a simulated Colab (tools/colab_sim.py: minutes); part of the "
         "default run, deselect with -m 'not colab_sim' while iterating",
     )
+    config.addinivalue_line(
+        "markers",
+        "browser: opens the built book in headless Chromium (tests/test_browser.py: a few minutes); part "
+        "of the default run, deselect with -m 'not browser' while iterating",
+    )
 
 
 @pytest.fixture
@@ -28,3 +39,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def build_book(out: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """Build the HTML book from the repository into ``out`` (outside the repository), as CI does:
+    warnings are errors (-W), and --keep-going reports all of them. Returns the finished process
+    and the folder of the HTML pages."""
+    command = [
+        sys.executable,
+        "-c",
+        "from jupyter_book.cli.main import main; main()",
+        "build",
+        str(REPO),
+        "-W",
+        "-n",
+        "--keep-going",
+        "--path-output",
+        str(out),
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return result, out / "_build" / "html"
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The book built once per test session (``build_book``): ``(result, html_folder)``, the same
+    pair as tests/test_book.py's ``book_build``, so every test of the built book can share it."""
+    return build_book(tmp_path_factory.mktemp("book"))
