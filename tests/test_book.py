@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -329,24 +327,11 @@ def test_every_cited_key_is_in_references():
 # The HTML book
 
 
-@pytest.fixture(scope="module")
-def book_build(tmp_path_factory):
-    """Build the book once, outside the repository, exactly as CI does (warnings are errors)."""
-    out = tmp_path_factory.mktemp("book")
-    command = [
-        sys.executable,
-        "-c",
-        "from jupyter_book.cli.main import main; main()",
-        "build",
-        str(REPO),
-        "-W",
-        "-n",
-        "--keep-going",
-        "--path-output",
-        str(out),
-    ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    return result, out / "_build" / "html"
+@pytest.fixture
+def book_build(built_book):
+    """The book built once per test session, outside the repository, exactly as CI does
+    (tests/conftest.py's ``built_book``, shared with the browser test)."""
+    return built_book
 
 
 def read_page(html: Path, entry: str) -> str:
