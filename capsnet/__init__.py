@@ -2,8 +2,8 @@
 
 Layers, bottom up: ``squashing`` and ``losses`` (tensor functions) -> ``routing`` ->
 ``layers`` -> ``models`` -> ``train``, ``bench``, ``budget``, ``reference``, ``plotting`` -> ``cli``.
-``profiles`` (run sizes, and every chapter's sizes) stands below them all; ``tables`` (results
-tables for the chapters) stands apart.
+``profiles`` (run sizes, and every chapter's sizes) stands below them all; ``display`` (results
+tables and source listings for the chapters) stands apart.
 ``multidigit`` (two overlapping digits) and ``sweeps`` (the recorded experiments) sit beside ``train``.
 ``data`` (and the toy ``faces``) stand apart and know nothing of models.
 Matrix capsules (Hinton, Sabour & Frosst 2018): ``routing_em`` sits beside ``routing``,
@@ -11,6 +11,7 @@ Matrix capsules (Hinton, Sabour & Frosst 2018): ``routing_em`` sits beside ``rou
 """
 
 from . import budget
+from .display import Table, source_listing
 from .layers import PrimaryCapsules, RoutingCapsules
 from .losses import margin_loss, reconstruction_loss, spread_loss, spread_loss_margin
 from .matrix_capsules import (
@@ -28,7 +29,6 @@ from .routing import dynamic_routing, fixed_couplings
 from .routing_em import EMRoutingOutput, em_routing, em_routing_reference, inverse_temperatures
 from .routing_reference import dynamic_routing_reference
 from .squashing import capsule_length, squash
-from .tables import Table
 
 __version__ = "0.3.0"
 
@@ -63,6 +63,7 @@ __all__ = [
     "reconstruction_loss",
     "spread_loss",
     "spread_loss_margin",
+    "source_listing",
     "squash",
     "use_book_style",
 ]

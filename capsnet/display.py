@@ -1,5 +1,8 @@
-"""Results tables for the chapters: an HTML table in the book and in Jupyter, aligned plain text
-in a terminal and for nbval (which compares ``text/plain``).
+"""What the chapters display besides figures: results tables and listings of the package's
+source. Each renders richly in the book and in Jupyter (an HTML table; a highlighted code block)
+and as plain text in a terminal and for nbval, which compares ``text/plain`` and ``text/markdown``
+exactly, so a chapter that lists package source fails CI until it is re-executed after the
+source changes.
 
     >>> Table(["model", "error (%)"], [("r=1", 0.341), ("r=3", 0.25)], formats={"error (%)": ".2f"})
     model  error (%)
@@ -11,10 +14,13 @@ in a terminal and for nbval (which compares ``text/plain``).
 from __future__ import annotations
 
 import html
+import inspect
 import numbers
+import re
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["Table"]
+__all__ = ["SourceListing", "Table", "source_listing"]
 
 MISSING = "-"
 
@@ -98,3 +104,39 @@ class Table:
             '<div class="capsnet-table">'
             f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
         )
+
+
+class SourceListing:
+    """Python source shown as a code block (Markdown) in the book and as plain text elsewhere."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __repr__(self) -> str:
+        return self.code
+
+    def _repr_markdown_(self) -> str:
+        longest = max((len(run) for run in re.findall(r"`+", self.code)), default=0)
+        fence = "`" * max(3, longest + 1)
+        return f"{fence}python\n{self.code}\n{fence}"
+
+
+def source_listing(obj: object, first: str | None = None, last: str | None = None) -> SourceListing:
+    """The source of ``obj`` (a function, class or method; or a string of code) to display.
+
+    With ``first``, only the lines from the first one containing ``first`` up to the next one
+    containing ``last`` (just that line when ``last`` is None), dedented.
+    """
+    code = obj if isinstance(obj, str) else inspect.getsource(obj)
+    lines = code.rstrip("\n").splitlines()
+    if first is not None:
+        start = next((i for i, line in enumerate(lines) if first in line), None)
+        if start is None:
+            raise ValueError(f"no line of the source contains {first!r}")
+        stop = start
+        if last is not None:
+            stop = next((i for i in range(start, len(lines)) if last in lines[i]), None)
+            if stop is None:
+                raise ValueError(f"no line after {first!r} contains {last!r}")
+        lines = lines[start : stop + 1]
+    return SourceListing(textwrap.dedent("\n".join(lines)))

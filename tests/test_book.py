@@ -161,6 +161,40 @@ def test_chapter_stores_a_figure(entry):
     assert images, "no stored PNG figure: run the notebook so its matplotlib figures are saved"
 
 
+def source_showing_cells(nb: nbformat.NotebookNode) -> list[int]:
+    """Indices of the code cells that display package source: cells that call
+    ``capsnet.source_listing`` or ``inspect.getsource`` themselves, or call a helper the notebook
+    defines with it (``def show_source(obj): ... getsource ...``), the definition itself excepted."""
+    helpers = set()
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "getsource(" in cell.source:
+            helpers |= set(re.findall(r"^def (\w+)\(", cell.source, flags=re.MULTILINE))
+    showing = []
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        top_level = "\n".join(
+            line for line in cell.source.splitlines() if not re.match(r"^(\s|def |\)|$)", line)
+        )
+        calls_helper = any(re.search(rf"(?<![\w.]){name}\(", top_level) for name in helpers)
+        listing = "source_listing(" in cell.source or "getsource(" in top_level
+        if calls_helper or listing or re.search(r"^\s+Code\(", cell.source, re.M):
+            showing.append(index)
+    return showing
+
+
+@pytest.mark.parametrize("entry", CHAPTERS)
+def test_cells_that_show_package_source_are_compared_by_nbval(entry):
+    """A chapter that displays the package's source must be re-executed when that source changes:
+    nbval compares the output of cells tagged ``nbval-check-output``, so CI fails until it is."""
+    nb = read_chapter(entry)
+    untagged = [i for i in source_showing_cells(nb) if "nbval-check-output" not in tags(nb.cells[i])]
+    assert not untagged, (
+        f"cells {untagged} show package source without the nbval-check-output tag: tag them (and "
+        "keep anything machine-dependent out of those cells)"
+    )
+
+
 @pytest.mark.parametrize("entry", CHAPTERS)
 def test_widgets_live_only_in_cells_the_book_removes(entry):
     """Online readers have no kernel: a live ipywidget shows them an empty box. Widgets are for

@@ -1,10 +1,10 @@
-"""capsnet.tables.Table: the HTML the book shows and the plain text nbval compares."""
+"""capsnet.display: tables and source listings, as the book shows them and as nbval compares them."""
 
 from __future__ import annotations
 
 import pytest
 
-from capsnet.tables import Table
+from capsnet.display import Table, source_listing
 
 
 def test_text_form_aligns_numbers_right_and_text_left():
@@ -50,3 +50,31 @@ def test_wrong_row_length_says_what_to_do():
 def test_format_for_an_unknown_column_is_refused():
     with pytest.raises(ValueError, match="formats name columns the table does not have"):
         Table(["a"], [(1,)], formats={"b": ".2f"})
+
+
+def helper():
+    """A docstring."""
+    x = 1  # first
+    y = "``` fence"
+    return x, y  # last
+
+
+def test_source_listing_shows_the_whole_source_or_a_slice():
+    whole = source_listing(helper)
+    assert repr(whole).startswith("def helper():") and repr(whole).endswith("return x, y  # last")
+    part = source_listing(helper, "# first", "return")
+    assert repr(part) == 'x = 1  # first\ny = "``` fence"\nreturn x, y  # last'
+    assert repr(source_listing(helper, "y =")) == 'y = "``` fence"'
+    assert repr(source_listing("a = 1\n")) == "a = 1"
+
+
+def test_source_listing_fence_is_longer_than_any_backticks_inside():
+    markdown = source_listing(helper)._repr_markdown_()
+    assert markdown.startswith("````python\n") and markdown.endswith("\n````")
+
+
+def test_source_listing_says_which_marker_is_missing():
+    with pytest.raises(ValueError, match="no line of the source contains 'nowhere'"):
+        source_listing(helper, "nowhere")
+    with pytest.raises(ValueError, match="no line after '# first' contains 'nowhere'"):
+        source_listing(helper, "# first", "nowhere")

@@ -10,7 +10,7 @@ the first cell to the last, in the folder it is written to, with:
   full setup);
 - Jupyter's inline matplotlib backend (an ``MPLBACKEND`` from the environment is dropped for the
   kernel, or the figures would not be stored);
-- no ipywidget state saved: the HTML book has no kernel, so its sliders are precomputed frames
+- no ipywidget state kept: the HTML book has no kernel, so its sliders are precomputed frames
   (``capsnet.plotting.frames_player``); the ipywidgets versions, for Colab and Jupyter, sit in cells
   the book removes, and their state would only make every page heavier;
 - the Colab install cell's ``CAPSNET_RELEASE = "v..."`` set to this package's version, so that a
@@ -108,12 +108,16 @@ def execute(source: Path, target: Path, profile: str, timeout: int, kernel: str)
         timeout=timeout,
         kernel_name=kernel,
         resources={"metadata": {"path": str(target.parent)}},
-        store_widget_state=False,
+        # True: nbclient's output-widget hooks fail without it (KeyError on the widget's id); the
+        # state is dropped below instead.
+        store_widget_state=True,
         record_timing=False,
     )
     start = time.perf_counter()
     client.execute()
     seconds = time.perf_counter() - start
+    # The book's sliders are precomputed frames; the widgets' state would only weigh pages down.
+    nb.metadata.pop("widgets", None)
     nb.metadata["capsnet"] = {
         "release": RELEASE,
         "profile": profile,
