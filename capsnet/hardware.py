@@ -90,5 +90,9 @@ def describe(device: torch.device | None = None) -> str:
     if device.type == "cuda":
         what = f"CUDA: {torch.cuda.get_device_name(device)}"
     else:
-        what = f"CPU: {_cpu_name()}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, {cpu_isa()}"
+        threads, cores = torch.get_num_threads(), os.cpu_count()
+        what = (
+            f"CPU: {_cpu_name()}, {threads} thread{'s' * (threads != 1)} of {cores} "
+            f"core{'s' * (cores != 1)}, {cpu_isa()}"
+        )
     return f"{what}; torch {torch.__version__}"

@@ -68,3 +68,10 @@ def test_fp16_training_with_gradient_scaling_runs_on_cpu_tensors(monkeypatch, on
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in model.parameters())
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "no optimiser step was taken (every fp16 step skipped by the scaler?)"
+
+
+def test_describe_counts_threads_in_words(one_thread):
+    from capsnet.hardware import describe
+
+    text = describe(torch.device("cpu"))
+    assert ", 1 thread of " in text and "1 threads" not in text
