@@ -4,6 +4,7 @@ works without a kernel (precomputed frames driven by JavaScript in the page)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,4 +68,31 @@ def frames_player(
     )
     page = animation.to_jshtml(default_mode="once")
     plt.close(fig)
-    return HTML(page)
+    return HTML(_offline_player(page))
+
+
+# matplotlib's player draws its buttons with Font Awesome 4 icons from a CDN; a book read offline
+# (and a page that must fetch nothing from elsewhere) gets plain Unicode symbols instead.
+_PLAYER_ICONS = {
+    "fa fa-minus": "\u2212",
+    "fa fa-plus": "+",
+    "fa fa-fast-backward": "|\u25c1",
+    "fa fa-step-backward": "\u25c1|",
+    "fa fa-play fa-flip-horizontal": "\u25c1",
+    "fa fa-pause": "\u2016",
+    "fa fa-play": "\u25b7",
+    "fa fa-step-forward": "|\u25b7",
+    "fa fa-fast-forward": "\u25b7|",
+}
+
+
+def _offline_player(page: str) -> str:
+    page = re.sub(r"<link[^>]*font-awesome[^>]*>", "", page)
+    for icon, symbol in _PLAYER_ICONS.items():
+        page = page.replace(f'<i class="{icon}"></i>', symbol)
+    if '<i class="fa ' in page or "https://" in page:
+        raise RuntimeError(
+            "matplotlib's animation player changed: it still loads icons or files from the web; "
+            "update capsnet.plotting._PLAYER_ICONS"
+        )
+    return page

@@ -30,6 +30,8 @@ def test_frames_player_embeds_one_frame_per_value_and_closes_the_figure():
     assert set(drawn) == {0.0, 0.5, 1.0}
     assert page.count("data:image/png;base64") == 3
     assert 'type="range"' in page  # the slider readers move, without a kernel
+    assert "http://" not in page and "https://" not in page, "the player must fetch nothing"
+    assert "\u25b7" in page and '<i class="fa' not in page  # its buttons use plain symbols
     assert not plt.fignum_exists(fig.number)
 
 
