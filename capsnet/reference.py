@@ -14,7 +14,9 @@ needs no GPU. Move a model with ``.to(device)`` and its inputs with it.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ __all__ = [
     "reference_record",
     "runs_url",
     "sweep_records",
+    "test_error_summary",
 ]
 
 RUNS_URL = "https://raw.githubusercontent.com/capsnet-book/capsnet-book/main/runs/"
@@ -117,6 +120,42 @@ def reference_record(name: str = "mnist-reference", download: bool = True) -> di
     with its per-epoch metrics added under ``"metrics"``."""
     _check_reference(name)
     return _record(name, download)
+
+
+def test_error_summary(record: dict[str, Any], last: int = 5) -> dict[str, Any]:
+    """The test errors (%) of a recorded run, told apart by how their epoch was chosen.
+
+    A run that was extended while someone watched its test accuracy offers many test numbers, and
+    the best of them flatters it. Returned: ``planned_epoch`` / ``planned_error``, the end of the
+    schedule its first command fixed before training (``--epochs N``); ``last_epochs`` (first,
+    last), ``last_mean`` and ``last_sd``, over the last ``last`` epochs; ``final_epoch`` /
+    ``final_error``, the run's final evaluation (the stored weights, float32), whatever rule
+    ended the run; ``best_error`` and ``evaluations``, the lowest of all per-epoch test errors and
+    how many there were. ``record`` is as :func:`reference_record` returns it (with ``metrics``).
+    """
+    metrics = record["metrics"]
+    if not metrics:
+        raise ValueError("the record has no per-epoch metrics: the run has not finished an epoch")
+    first_command = record["commands"][0]
+    planned = re.search(r"--epochs (\d+)", first_command)
+    planned_epoch = int(planned.group(1)) if planned else record["config"]["epochs"]
+    by_epoch = {m["epoch"]: m["test_error"] for m in metrics}
+    tail = metrics[-last:]
+    errors = [m["test_error"] for m in tail]
+    mean = sum(errors) / len(errors)
+    sd = math.sqrt(sum((e - mean) ** 2 for e in errors) / (len(errors) - 1)) if len(errors) > 1 else 0.0
+    final = record.get("final") or {"epoch": metrics[-1]["epoch"], "error": metrics[-1]["test_error"]}
+    return {
+        "planned_epoch": planned_epoch,
+        "planned_error": by_epoch.get(planned_epoch),
+        "last_epochs": (tail[0]["epoch"], tail[-1]["epoch"]),
+        "last_mean": mean,
+        "last_sd": sd,
+        "final_epoch": final["epoch"],
+        "final_error": final["error"],
+        "best_error": min(by_epoch.values()),
+        "evaluations": len(metrics),
+    }
 
 
 def sweep_records(

@@ -112,3 +112,28 @@ def test_recorded_files_come_from_the_mirror_named_by_the_environment(tmp_path, 
     assert json.loads(path.read_text()) == {"batch_size": 128}
     monkeypatch.delenv("CAPSNET_RUNS_URL")
     assert reference.runs_url() == reference.RUNS_URL
+
+
+def test_error_summary_tells_the_planned_end_from_the_chosen_one():
+    metrics = [{"epoch": e, "test_error": err} for e, err in enumerate([1.0, 0.8, 0.6, 0.7, 0.5], start=1)]
+    record = {
+        "commands": ["capsnet train --epochs 3 --out x", "capsnet train --out x --resume --epochs 5"],
+        "config": {"epochs": 5},
+        "metrics": metrics,
+        "final": {"epoch": 5, "error": 0.5},
+    }
+    summary = reference.test_error_summary(record, last=2)
+    assert (summary["planned_epoch"], summary["planned_error"]) == (3, 0.6)
+    assert summary["last_epochs"] == (4, 5)
+    assert summary["last_mean"] == pytest.approx(0.6)
+    assert summary["last_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert (summary["final_epoch"], summary["final_error"], summary["best_error"]) == (5, 0.5, 0.5)
+    assert summary["evaluations"] == 5
+
+
+def test_error_summary_of_the_reference_run_matches_its_metrics():
+    record = reference.reference_record()
+    summary = reference.test_error_summary(record)
+    planned = next(m for m in record["metrics"] if m["epoch"] == summary["planned_epoch"])
+    assert summary["planned_error"] == planned["test_error"]
+    assert summary["best_error"] <= summary["last_mean"] and summary["evaluations"] == len(record["metrics"])
