@@ -3,7 +3,7 @@
 Layers, bottom up: ``squashing`` and ``losses`` (tensor functions) -> ``routing`` ->
 ``layers`` -> ``models`` -> ``train``, ``bench``, ``budget``, ``reference``, ``plotting`` -> ``cli``.
 ``profiles`` (run sizes, and every chapter's sizes) stands below them all; ``display`` (results
-tables and source listings for the chapters) stands apart.
+tables and source listings for the chapters) and ``stats`` (paired tests, verdicts) stand apart.
 ``multidigit`` (two overlapping digits) and ``sweeps`` (the recorded experiments) sit beside ``train``.
 ``data`` (and the toy ``faces``) stand apart and know nothing of models.
 Matrix capsules (Hinton, Sabour & Frosst 2018): ``routing_em`` sits beside ``routing``,
