@@ -778,3 +778,21 @@ def test_config_of_refuses_weights_that_do_not_fit(tmp_path):
     message = r"do not fit the capsnet .*\(missing conv1.bias; unexpected extra.weight; conv1.weight has"
     with pytest.raises(CheckpointError, match=message):
         train_module.config_of(state, path)
+
+
+def test_evaluating_random_couplings_gives_one_number_and_leaves_the_generators_alone(one_thread):
+    from capsnet.data import DeviceBatches
+    from capsnet.train import evaluate
+
+    torch.manual_seed(0)
+    model = capsnet.CapsNet(**TINY_CAPSNET, coupling="random")
+    images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    batches = DeviceBatches(images, torch.arange(16) % 10, 8, torch.device("cpu"))
+    state = torch.get_rng_state()
+    first = evaluate(model, batches)
+    torch.manual_seed(123)  # another global state: the couplings must not depend on it
+    second = evaluate(model, batches)
+    assert first == second
+    torch.set_rng_state(state)
+    evaluate(model, batches)
+    assert torch.equal(torch.get_rng_state(), state), "evaluation moved the global generator"
