@@ -9,8 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import matplotlib as mpl
-import matplotlib.pyplot as plt
-from matplotlib.animation import FuncAnimation
 from matplotlib.figure import Figure
 
 __all__ = ["BOOK_STYLE", "use_book_style", "PALETTE", "frames_player"]
@@ -59,7 +57,10 @@ def frames_player(
     in the notebook's output with a small JavaScript player (matplotlib's ``to_jshtml``), so the
     slider also moves in the HTML book. Returns an ``IPython.display.HTML`` to display; ``fig``
     is closed. Keep ``values`` short (each frame is one PNG in the page)."""
+    # Here, not at the top: importing capsnet must not import pyplot (it picks a backend).
+    import matplotlib.pyplot as plt
     from IPython.display import HTML
+    from matplotlib.animation import FuncAnimation
 
     if len(values) == 0:
         raise ValueError("frames_player needs at least one value to draw")
