@@ -104,9 +104,10 @@ def _finished(folder: Path) -> bool:
     return record.is_file() and "final" in json.loads(record.read_text())
 
 
-def _command(name: str, run: str, args: list[str], folder: Path, extra: list[str]) -> list[str]:
+def _command(args: list[str], folder: Path) -> list[str]:
+    """The ``python -m capsnet train`` process of a run into ``folder`` (resumed if it has a checkpoint)."""
     resume = ["--resume"] if (folder / "checkpoint.pt").is_file() else []
-    return [sys.executable, "-m", "capsnet", "train", *args, *extra, "--out", str(folder), *resume, "--quiet"]
+    return [sys.executable, "-m", "capsnet", "train", *args, "--out", str(folder), *resume, "--quiet"]
 
 
 def _failed(name: str, run: str, status: int) -> SweepError:
@@ -129,21 +130,9 @@ def _probe(name: str, root: Path, run: str, options: list[str]) -> dict[str, flo
     seconds: ``startup`` (process start, data, model, export) and ``epoch`` (training and tests)."""
     folder = root / name / f".probe-{run}"
     shutil.rmtree(folder, ignore_errors=True)
-    command = [
-        sys.executable,
-        "-m",
-        "capsnet",
-        "train",
-        *options,
-        "--epochs",
-        "1",
-        "--out",
-        str(folder),
-        "--quiet",
-    ]
     started = time.monotonic()
     try:
-        subprocess.run(command, check=True, env=os.environ.copy())
+        subprocess.run(_command([*options, "--epochs", "1"], folder), check=True, env=os.environ.copy())
         wall = time.monotonic() - started
         epoch = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])["seconds"]
     except subprocess.CalledProcessError as err:
@@ -216,7 +205,7 @@ def run_sweep(
             break
         print(f"sweep {name}: {run}", flush=True)
         folder = root / name / run
-        process = subprocess.Popen(_command(name, run, args, folder, extra), env=os.environ.copy())
+        process = subprocess.Popen(_command([*args, *extra], folder), env=os.environ.copy())
         running.append((run, process))
     while running:
         failures += _wait_one(running, trained)
