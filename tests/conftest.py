@@ -63,6 +63,6 @@ def build_book(out: Path) -> tuple[subprocess.CompletedProcess, Path]:
 
 @pytest.fixture(scope="session")
 def built_book(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """The book built once per test session (``build_book``): ``(result, html_folder)``, the same
-    pair as tests/test_book.py's ``book_build``, so every test of the built book can share it."""
+    """The book built once per test session (``build_book``): ``(result, html_folder)``, shared by
+    every test of the built book (tests/test_book.py, tests/test_browser.py)."""
     return build_book(tmp_path_factory.mktemp("book"))

@@ -361,13 +361,6 @@ def test_every_cited_key_is_in_references():
 # The HTML book
 
 
-@pytest.fixture
-def book_build(built_book):
-    """The book built once per test session, outside the repository, exactly as CI does
-    (tests/conftest.py's ``built_book``, shared with the browser test)."""
-    return built_book
-
-
 def read_page(html: Path, entry: str) -> str:
     page = html / f"{entry}.html"
     assert page.exists(), f"the build made no {page.relative_to(html)}"
@@ -375,16 +368,16 @@ def read_page(html: Path, entry: str) -> str:
 
 
 @pytest.mark.book_build
-def test_book_builds_without_warnings(book_build):
-    result, _ = book_build
+def test_book_builds_without_warnings(built_book):
+    result, _ = built_book
     log = (result.stdout + result.stderr)[-6000:]
     assert result.returncode == 0, f"jupyter-book build -W -n --keep-going failed:\n{log}"
 
 
 @pytest.mark.book_build
 @pytest.mark.parametrize("entry", CHAPTERS)
-def test_chapter_page_has_figures_math_and_colab_button(book_build, entry):
-    _, html = book_build
+def test_chapter_page_has_figures_math_and_colab_button(built_book, entry):
+    _, html = built_book
     page = read_page(html, entry)
     figure = re.search(r'<img [^>]*src="\.\./_images/[^"]+\.png"', page)
     assert figure, "no figure from the notebook on the page"
@@ -394,8 +387,8 @@ def test_chapter_page_has_figures_math_and_colab_button(book_build, entry):
 
 
 @pytest.mark.book_build
-def test_glossary_page_defines_every_term(book_build):
-    _, html = book_build
+def test_glossary_page_defines_every_term(built_book):
+    _, html = built_book
     page = read_page(html, "book/glossary").lower()
     for term in GLOSSARY_TERMS:
         anchor = "term-" + re.sub(r"[^a-z0-9]+", "-", term.lower())
@@ -403,8 +396,8 @@ def test_glossary_page_defines_every_term(book_build):
 
 
 @pytest.mark.book_build
-def test_bibliography_page_lists_every_reference(book_build):
-    _, html = book_build
+def test_bibliography_page_lists_every_reference(built_book):
+    _, html = built_book
     page = read_page(html, "book/bibliography")
     for key, entry in bib_entries().items():
         title = re.search(r"title\s*=\s*\{(.*)\},?\s*$", entry, flags=re.MULTILINE).group(1)
