@@ -30,7 +30,7 @@ __all__ = ["main"]
 _CONFIG_OPTIONS = (
     *("dataset", "model", "profile", "epochs", "steps", "test_every", "batch_size", "train_size"),
     *("test_size", "lr", "max_shift", "precision", "seed", "routing_iterations", "routing_gradient"),
-    *("coupling", "recon_weight", "loss", "lr_schedule", "val_size"),
+    *("coupling", "recon_weight", "loss", "logit_scale", "lr_schedule", "val_size", "test_seed"),
 )
 _FLAGS = {"no_decoder": "decoder", "no_squash": "squashed"}
 BENCH_MAX_STEPS = 10_000
@@ -119,6 +119,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         precision=config.precision,
         recon_weight=config.recon_weight,
         loss=config.loss,
+        logit_scale=config.logit_scale,
         progress=not args.quiet,
     )
     result["test_images"] = len(test.labels)
@@ -221,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bf16/fp16 mixed precision where the device is fast at it, else fp32",
     )
     t.add_argument("--seed", type=int, help="random seed (default 0)")
+    t.add_argument(
+        "--test-seed",
+        type=int,
+        help="seed that draws the test subset, the same for every run by default (2018), so runs "
+        "compare on the same images",
+    )
     t.add_argument("--routing-iterations", type=int, help="routing iterations (default 3)")
     t.add_argument(
         "--routing-gradient",
@@ -244,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss",
         choices=LOSSES,
         help="CapsNet's class loss: margin (the paper) or cross_entropy on the capsule lengths",
+    )
+    t.add_argument(
+        "--logit-scale",
+        type=float,
+        help="with --loss cross_entropy: the logits are the capsule lengths times this (default 1)",
     )
     t.add_argument(
         "--no-squash", action="store_true", default=None, help="ablation: capsules without the squash"

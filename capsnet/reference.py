@@ -31,6 +31,7 @@ __all__ = [
     "REFERENCE_RUNS",
     "RUNS_URL",
     "load_reference",
+    "per_image",
     "recorded_file",
     "reference_record",
     "runs_url",
@@ -179,6 +180,32 @@ def sweep_records(
                 f"python -m capsnet sweep {sweep} --only {run}"
             )
     return records
+
+
+def per_image(record: dict[str, Any], split: str = "test") -> dict[str, Any]:
+    """What a finished run recorded per image of its final evaluation on ``split`` (``"test"``,
+    ``"val"`` or a further test set such as ``"affnist_style"``): ``predicted`` (a tensor of
+    classes), ``correct`` (a bool tensor), both in the order of the images, and ``images_sha256``,
+    the fingerprint of those images (equal fingerprints: the same images, so two runs can be
+    compared pairwise with :func:`capsnet.stats.mcnemar`).
+
+    Raises:
+        LookupError: the run has no per-image record of ``split`` (runs exported before capsnet
+            0.4 have none: train them again).
+    """
+    final = record.get("final") or {}
+    found = final if split == "test" else final.get(split)
+    if not isinstance(found, dict) or "correct" not in found:
+        raise LookupError(
+            f"the run {' '.join(record.get('commands', [])[-1:]) or '(no command recorded)'} has no "
+            f"per-image record of its {split!r} images: runs exported before capsnet 0.4 have "
+            "none; train it again with the current package"
+        )
+    return {
+        "predicted": torch.tensor([int(c) for c in found["predicted"]]),
+        "correct": torch.tensor([c == "1" for c in found["correct"]]),
+        "images_sha256": found["images_sha256"],
+    }
 
 
 def load_reference(

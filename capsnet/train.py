@@ -14,6 +14,7 @@ an uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Collection
@@ -74,20 +75,26 @@ def batch_loss(
     recon_weight: float,
     train: bool,
     loss: str = "margin",
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and class scores of one batch. CapsNet: margin + recon_weight x reconstruction error
     (decoder masked by the true label in training, by the prediction otherwise).
 
     ``loss="cross_entropy"`` replaces CapsNet's margin loss by softmax cross-entropy with the
-    capsule lengths as logits (an ablation, chapter 12; lengths lie in [0, 1], so the softmax
-    stays soft and the loss never reaches 0). Other models always use cross-entropy on logits.
+    capsule lengths times ``logit_scale`` as logits (an ablation, chapter 12). Lengths lie in
+    [0, 1), so with ``logit_scale=1`` the softmax stays soft and the loss never falls below
+    log(1 + 9/e) = 1.461; a larger scale (a temperature chosen on validation) lifts that floor.
+    Other models always use cross-entropy on logits.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if isinstance(model, CapsNet):
         out = model(x, y if train else None)
         lengths = out.lengths.float()
-        loss_value = margin_loss(lengths, y) if loss == "margin" else nn.functional.cross_entropy(lengths, y)
+        if loss == "margin":
+            loss_value = margin_loss(lengths, y)
+        else:
+            loss_value = nn.functional.cross_entropy(logit_scale * lengths, y)
         if out.reconstructions is not None and recon_weight:
             loss_value = loss_value + recon_weight * reconstruction_loss(out.reconstructions.float(), x)
         return loss_value, lengths
@@ -108,9 +115,13 @@ def evaluate(
     precision: str = "fp32",
     recon_weight: float = 5e-4,
     loss: str = "margin",
+    logit_scale: float = 1.0,
     progress: bool = False,
-) -> dict[str, float]:
-    """Mean loss, accuracy and error (in %) of ``model`` on every example of ``batches``.
+    per_image: bool = False,
+) -> dict[str, Any]:
+    """Mean loss, accuracy and error (in %) of ``model`` on every example of ``batches``; with
+    ``per_image`` also ``"predicted"``, the predicted class of every example in order (a CPU
+    tensor), for paired comparisons of models on the same images (:func:`capsnet.stats.mcnemar`).
 
     Whatever the model draws at random (the couplings of ``coupling="random"``) comes from the
     random number generators reseeded with :data:`EVALUATION_SEED`, and their state is restored
@@ -123,18 +134,29 @@ def evaluate(
     model.eval()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    n = 0
+    n, predicted = 0, []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(EVALUATION_SEED)
         for x, y in tqdm(batches, desc="evaluate", leave=False, disable=not progress):
             with autocast(precision, device):
-                value, scores = batch_loss(model, x, y, recon_weight, train=False, loss=loss)
+                value, scores = batch_loss(
+                    model, x, y, recon_weight, train=False, loss=loss, logit_scale=logit_scale
+                )
             total_loss += value.double() * len(y)
             correct += (scores.argmax(dim=1) == y).sum()
             n += len(y)
+            if per_image:
+                predicted.append(scores.argmax(dim=1))
     model.train(was_training)
     accuracy = correct.item() / n
-    return {"loss": total_loss.item() / n, "accuracy": accuracy, "error": 100.0 * (1.0 - accuracy)}
+    result: dict[str, Any] = {
+        "loss": total_loss.item() / n,
+        "accuracy": accuracy,
+        "error": 100.0 * (1.0 - accuracy),
+    }
+    if per_image:
+        result["predicted"] = torch.cat(predicted).cpu()
+    return result
 
 
 def _lr_lambda(decay: float, steps: int):
@@ -246,6 +268,7 @@ def fit(
     lr_schedule: str = "paper",
     recon_weight: float = 5e-4,
     loss: str = "margin",
+    logit_scale: float = 1.0,
     max_steps: int | None = None,
     more_tests: dict[str, DeviceBatches] | None = None,
     test_every: int = 1,
@@ -263,7 +286,8 @@ def fit(
         epochs: total epochs; with ``resume`` the run continues up to this many.
         lr, lr_decay, decay_steps: Adam's learning rate ``lr * lr_decay ** (step / decay_steps)``.
         recon_weight: weight of the summed squared reconstruction error (CapsNet only).
-        loss: CapsNet's classification loss, ``"margin"`` or ``"cross_entropy"`` (see :func:`batch_loss`).
+        loss, logit_scale: CapsNet's classification loss, ``"margin"`` or ``"cross_entropy"``
+            (on the lengths times ``logit_scale``; see :func:`batch_loss`).
         max_steps: stop after this many optimiser steps in all (the last epoch may be partial;
             resumed with a larger ``max_steps``, the run finishes that epoch as one run would).
         more_tests: further test sets, evaluated after every epoch as ``{name}_loss``,
@@ -355,7 +379,9 @@ def fit(
                 if max_steps is not None and scheduler.last_epoch >= max_steps:
                     break
                 with autocast(precision, device):
-                    value, scores = batch_loss(model, x, y, recon_weight, train=True, loss=loss)
+                    value, scores = batch_loss(
+                        model, x, y, recon_weight, train=True, loss=loss, logit_scale=logit_scale
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(value).backward()
                 scaler.step(optimizer)
@@ -390,7 +416,12 @@ def fit(
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     for name, batches in tests.items():
                         result = evaluate(
-                            model, batches, precision=precision, recon_weight=recon_weight, loss=loss
+                            model,
+                            batches,
+                            precision=precision,
+                            recon_weight=recon_weight,
+                            loss=loss,
+                            logit_scale=logit_scale,
                         )
                         metrics.update({f"{name}_{k}": v for k, v in result.items()})
             sums.seconds += time.perf_counter() - started
@@ -448,9 +479,11 @@ class TrainConfig:
     ``dataset`` is ``mnist``, ``fashion-mnist`` or a data set generated from MNIST digits
     (:data:`GENERATED`: ``translated-mnist``); ``model`` a key of :data:`capsnet.models.MODELS`.
     ``steps``, if set, is a budget of optimiser steps that replaces ``epochs``; ``test_every``
-    thins out the per-epoch evaluation. ``loss``, ``squashed``, ``recon_weight``, ``coupling`` and
-    ``routing_iterations`` are the switches of the ablations (chapter 12); the other fields are
-    the paper's recipe (see :func:`fit`).
+    thins out the per-epoch evaluation. ``loss`` (with ``logit_scale``), ``squashed``,
+    ``recon_weight``, ``coupling`` and ``routing_iterations`` are the switches of the ablations
+    (chapter 12); the other fields are the paper's recipe (see :func:`fit`). ``test_seed`` draws
+    the test subset (and generated test sets); it defaults to :data:`TEST_SEED` whatever the
+    run's ``seed``, so every run tests on the same images and runs can be compared pairwise.
     """
 
     dataset: str = "mnist"
@@ -477,6 +510,8 @@ class TrainConfig:
     test_every: int = 1
     lr_schedule: str = "paper"
     val_size: int = 0
+    test_seed: int | None = None
+    logit_scale: float = 1.0
 
     def resolved(self) -> TrainConfig:
         """Fill the ``None`` size fields from the profile (0 sizes mean the whole split) and check
@@ -497,6 +532,7 @@ class TrainConfig:
             batch_size=profile.batch_size if self.batch_size is None else self.batch_size,
             train_size=profile.train_size or 0 if self.train_size is None else self.train_size,
             test_size=profile.test_size or 0 if self.test_size is None else self.test_size,
+            test_seed=TEST_SEED if self.test_seed is None else self.test_seed,
         ).check()
 
     def check(self) -> TrainConfig:
@@ -527,6 +563,17 @@ class TrainConfig:
                 raise ConfigError(
                     f"{_label(name)} must be an integer from {low:,} to {high:,}, got {value!r}"
                 )
+        scale = self.logit_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale <= MAX_LOGIT_SCALE:
+            raise ConfigError(
+                f"{_label('logit_scale')} must be a number above 0 and at most {MAX_LOGIT_SCALE:g}, "
+                f"got {scale!r}"
+            )
+        if scale != 1 and self.loss != "cross_entropy":
+            raise ConfigError(
+                f"{_label('logit_scale')} scales the logits of --loss cross_entropy; with --loss "
+                f"{self.loss} it would do nothing: drop it, or add --loss cross_entropy"
+            )
         for name, low_included in (("lr", False), ("lr_decay", False), ("recon_weight", True)):
             value = getattr(self, name)
             number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -550,6 +597,9 @@ class TrainConfig:
         unknown = sorted(map(str, set(config) - {f.name for f in fields(cls)}))
         if unknown:
             raise ConfigError(f"unknown configuration fields: {', '.join(unknown)}")
+        if "test_seed" not in config and isinstance(config.get("seed"), int):
+            # records written before capsnet 0.4 drew their test images with seed + 1
+            config = {**config, "test_seed": config["seed"] + 1}
         return cls(**config).check()
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -579,6 +629,17 @@ class _Generated:
 # translated-mnist: the paper's section 5.2: train and test on MNIST digits placed at random on
 # 40x40; also test on the affNIST-style set made from the test digits.
 GENERATED: dict[str, _Generated] = {"translated-mnist": _Generated(40, ("affnist_style",))}
+
+
+# Test images are drawn with this seed, whatever the run's seed (TrainConfig.test_seed), so that
+# every run of a comparison is tested on the same images.
+TEST_SEED = 2018
+# Validation images are held out of the training split with this fixed seed, whatever the run's
+# seed, so that every run of a comparison is checked on the same images.
+VALIDATION_SEED = 2017
+# The largest temperature --logit-scale allows (lengths in [0, 1) times 100 already give the true
+# class all but e^-100 of the probability).
+MAX_LOGIT_SCALE = 100.0
 
 
 def _generate(name: str, images: torch.Tensor, labels: torch.Tensor, seed: int):
@@ -619,21 +680,17 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-# Validation images are held out of the training split with this fixed seed, whatever the run's
-# seed, so that every run of a comparison is checked on the same images.
-VALIDATION_SEED = 2017
-
-
 def _digits(config: TrainConfig, split: str, root: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and labels a run draws from ``split`` of its source data set (MNIST for a
-    generated data set): ``train_size`` / ``test_size`` of them, chosen with the run's seed.
+    generated data set): ``train_size`` of the training images, chosen with the run's seed, or
+    ``test_size`` of the test images, chosen with ``test_seed`` (the same for every run).
 
     ``split="val"``: the ``val_size`` training images held out for validation (the same for every
     run); the ``train`` split then draws from the other training images only."""
     source = "mnist" if config.dataset in GENERATED else config.dataset
     data = load_dataset(source, "test" if split == "test" else "train", root)
     if split == "test":
-        return _subset(data.images, data.labels, config.test_size, config.seed + 1)
+        return _subset(data.images, data.labels, config.test_size, config.test_seed)
     order = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(VALIDATION_SEED))
     held, kept = order[: config.val_size], order[config.val_size :]
     if split == "val":
@@ -649,7 +706,7 @@ def make_data(
     train_data, test_data = _digits(config, "train", root), _digits(config, "test", root)
     if config.dataset in GENERATED:
         train_data = _generate(config.dataset, *train_data, seed=config.seed)
-        test_data = _generate(config.dataset, *test_data, seed=config.seed + 1)
+        test_data = _generate(config.dataset, *test_data, seed=config.test_seed)
     train = DeviceBatches(
         *train_data,
         config.batch_size,
@@ -678,7 +735,7 @@ def make_more_tests(
     if config.dataset in GENERATED:
         digits = _digits(config, "test", root)
         for name in GENERATED[config.dataset].more_tests:
-            sets[name] = DeviceBatches(*_generate(name, *digits, seed=config.seed + 2), 256, device)
+            sets[name] = DeviceBatches(*_generate(name, *digits, seed=config.test_seed + 1), 256, device)
     return sets
 
 
@@ -696,6 +753,7 @@ INTEGER_LIMITS: dict[str, tuple[int, int]] = {
     "steps": (1, 1_000_000_000),
     "test_every": (1, 1_000_000_000),
     "val_size": (0, 30_000),
+    "test_seed": (0, 2**32 - 1),
 }
 # The largest model a record may describe (the baseline CNN has 35M parameters, CapsNet 8M).
 MAX_PARAMETERS = 500_000_000
@@ -705,7 +763,8 @@ _FROM_PROFILE = (
     "train_size",
     "test_size",
     "steps",
-)  # None: the profile's (or no step budget)
+    "test_seed",
+)  # None: the profile's (or no step budget; test_seed: TEST_SEED)
 # The fields of a resumed run that may change: the budget and how often it is evaluated.
 RESUMABLE = ("epochs", "steps", "test_every")
 
@@ -905,6 +964,7 @@ def run(
             lr_schedule=config.lr_schedule,
             recon_weight=config.recon_weight if config.model == "capsnet" else 0.0,
             loss=config.loss,
+            logit_scale=config.logit_scale,
             max_steps=config.steps,
             more_tests=make_more_tests(config, device, data_root),
             test_every=config.test_every,
@@ -958,10 +1018,39 @@ def load_trained(path: str | Path, device: torch.device | str | None = None) -> 
     return model.to(device).eval(), record
 
 
+def images_fingerprint(batches: DeviceBatches) -> str:
+    """SHA-256 of the images and labels of ``batches``, in order: two runs with the same
+    fingerprint were tested on the same images."""
+    digest = hashlib.sha256()
+    for tensor in (batches.images, batches.labels):
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _with_per_image(result: dict[str, Any], batches: DeviceBatches) -> dict[str, Any]:
+    """``result`` of :func:`evaluate` with ``per_image``, its ``"predicted"`` tensor written as
+    text: ``predicted`` (one digit per image, in the test order) and ``correct`` (``1`` right,
+    ``0`` wrong), beside ``images_sha256`` (:func:`images_fingerprint`)."""
+    predicted = result.pop("predicted")
+    if predicted.numel() and int(predicted.max()) > 9:
+        raise ValueError("per-image records hold one digit per image: at most 10 classes")
+    correct = predicted == batches.labels.cpu()
+    return {
+        **result,
+        "images_sha256": images_fingerprint(batches),
+        "predicted": "".join(map(str, predicted.tolist())),
+        "correct": "".join("1" if right else "0" for right in correct.tolist()),
+    }
+
+
 def export_weights(out_dir: str | Path, data_root: str | Path | None = None) -> dict[str, Any]:
     """Finish a run: save its weights in float16 as ``weights-fp16.pt``, evaluate exactly those
-    weights (in float32, on the run's test set), and rewrite ``metrics.jsonl`` and ``run.json``
-    from the checkpoint with the result as ``run.json["final"]``."""
+    weights (in float32, on the run's test set and further sets), and rewrite ``metrics.jsonl``
+    and ``run.json`` from the checkpoint with the result as ``run.json["final"]``: loss,
+    accuracy and error, and per image (see :func:`_with_per_image`) the predicted class and
+    whether it was right, with a fingerprint of the images, so that runs tested on the same
+    images can be compared pairwise (:func:`capsnet.reference.per_image`)."""
     folder = RunFolder(out_dir)
     with folder.hold():
         state = folder.load()
@@ -969,13 +1058,19 @@ def export_weights(out_dir: str | Path, data_root: str | Path | None = None) -> 
         model, record = load_trained(folder.checkpoint, "cpu")
         save_fp16_weights(folder.weights, model, {"record": record, "epoch": state["epoch"]})
         model, record = load_trained(folder.weights, default_device())
-        config = TrainConfig(**record["config"])
+        config = TrainConfig.from_record(record["config"])
         device = next(model.parameters()).device
         _, test = make_data(config, device, data_root)
-        settings = {"precision": "fp32", "recon_weight": config.recon_weight, "loss": config.loss}
-        final: dict[str, Any] = evaluate(model, test, **settings)
+        settings = {
+            "precision": "fp32",
+            "recon_weight": config.recon_weight,
+            "loss": config.loss,
+            "logit_scale": config.logit_scale,
+            "per_image": True,
+        }
+        final: dict[str, Any] = _with_per_image(evaluate(model, test, **settings), test)
         for name, batches in make_more_tests(config, device, data_root).items():
-            final[name] = evaluate(model, batches, **settings)
+            final[name] = _with_per_image(evaluate(model, batches, **settings), batches)
         final.update(epoch=state["epoch"], weights=folder.weights.name, test_images=len(test.labels))
         folder.write_records(state, final)
     return final

@@ -44,7 +44,7 @@ def test_evaluating_the_weights_reproduces_the_recorded_accuracy():
     if not _data_available():
         pytest.skip("MNIST is not available here (set CAPSNET_DATA)")
     model, record = capsnet.load_reference(device="cpu")
-    _, test = make_data(TrainConfig(**record["config"]), torch.device("cpu"))
+    _, test = make_data(TrainConfig.from_record(record["config"]), torch.device("cpu"))
     result = evaluate(model, test, precision="fp32", recon_weight=record["config"]["recon_weight"])
     assert result["accuracy"] == pytest.approx(record["final"]["accuracy"], abs=1e-12)
 

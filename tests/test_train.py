@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import capsnet
+import capsnet.reference
 import capsnet.train as train_module
 from capsnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from capsnet.data import DataError, DeviceBatches, locate_file
@@ -442,9 +443,37 @@ def test_export_weights_and_load_trained(tmp_path, mnist_root):
     for (name, value), trained in zip(loaded.state_dict().items(), model.state_dict().values(), strict=True):
         assert value.dtype == torch.float32, name
         assert torch.equal(value, trained.half().float()), name
-    again = evaluate(loaded, make_data(config, CPU)[1], precision="fp32", recon_weight=config.recon_weight)
+    again = evaluate(
+        loaded, make_data(config, CPU)[1], precision="fp32", recon_weight=config.recon_weight, per_image=True
+    )
     assert again["accuracy"] == final["accuracy"]
     assert again["loss"] == pytest.approx(final["loss"], rel=1e-12)
+
+    # per image: the predicted class and whether it was right, with the images' fingerprint
+    assert final["predicted"] == "".join(map(str, again["predicted"].tolist()))
+    assert len(final["correct"]) == 64 and final["correct"].count("1") == round(64 * final["accuracy"])
+    assert final["images_sha256"] == train_module.images_fingerprint(test)
+    recorded = capsnet.reference.per_image(run_record)
+    assert torch.equal(recorded["correct"], again["predicted"] == test.labels)
+    assert torch.equal(recorded["predicted"], again["predicted"])
+    with pytest.raises(LookupError, match="no per-image record of its 'val' images.*train it again"):
+        capsnet.reference.per_image(run_record, "val")
+
+
+def test_every_run_is_tested_on_the_same_images(mnist_root):
+    """The test subset comes from test_seed (TEST_SEED unless given), not from the run's seed; a
+    record written before test_seed existed keeps the images it was tested on (seed + 1)."""
+    configs = [TrainConfig(profile="smoke", train_size=32, test_size=48, seed=s).resolved() for s in (0, 1)]
+    assert {c.test_seed for c in configs} == {train_module.TEST_SEED}
+    (train0, test0), (train1, test1) = (make_data(c, CPU) for c in configs)
+    assert torch.equal(test0.images, test1.images) and torch.equal(test0.labels, test1.labels)
+    assert not torch.equal(train0.images, train1.images)
+    assert train_module.images_fingerprint(test0) == train_module.images_fingerprint(test1)
+    other = make_data(replace(configs[0], test_seed=7), CPU)[1]
+    assert train_module.images_fingerprint(other) != train_module.images_fingerprint(test0)
+
+    legacy = {k: v for k, v in asdict(configs[1]).items() if k != "test_seed"}
+    assert TrainConfig.from_record(legacy).test_seed == 2  # seed 1 drew its test images with seed 2
 
 
 def test_load_trained_needs_a_run_configuration(tmp_path):
@@ -514,6 +543,26 @@ def test_cross_entropy_loss_uses_the_lengths_as_logits():
     assert not torch.allclose(loss, margin)
     with pytest.raises(ValueError, match="loss must be one of margin, cross_entropy, got 'hinge'"):
         batch_loss(model, x, y, 0.0, train=False, loss="hinge")
+
+
+def test_cross_entropy_with_a_temperature_scales_the_lengths():
+    torch.manual_seed(0)
+    model = capsnet.CapsNet(**TINY_CAPSNET).eval()
+    x, y = torch.rand(6, 1, 28, 28), torch.arange(6)
+    loss, lengths = batch_loss(model, x, y, 0.0, train=False, loss="cross_entropy", logit_scale=10.0)
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(10.0 * lengths, y))
+    # the floor log(1 + 9/e) of unscaled lengths, and how a temperature lowers it
+    best = torch.zeros(1, 10)
+    best[0, 0] = 1.0
+    floor = torch.nn.functional.cross_entropy(best, torch.tensor([0])).item()
+    assert floor == pytest.approx(math.log(1 + 9 / math.e))
+    assert torch.nn.functional.cross_entropy(10 * best, torch.tensor([0])).item() < 1e-3
+    assert TrainConfig(profile="smoke", loss="cross_entropy", logit_scale=30).resolved().logit_scale == 30
+    with pytest.raises(ConfigError, match=r"logit_scale \(--logit-scale\) scales the logits of --loss"):
+        TrainConfig(profile="smoke", logit_scale=10).resolved()
+    for bad in (0, -1.0, 1000, True, "10"):
+        with pytest.raises(ConfigError, match=r"logit_scale \(--logit-scale\) must be a number above 0"):
+            TrainConfig(profile="smoke", loss="cross_entropy", logit_scale=bad).resolved()
 
 
 def test_max_steps_stops_in_the_middle_of_an_epoch(tmp_path):
@@ -647,7 +696,7 @@ def test_translated_mnist_data(mnist_root):
     assert not torch.equal(affnist.images, test.images)
     # each translated test image holds all the ink of its MNIST test digit, unchanged
     split = capsnet.data.load_dataset("mnist", "test")
-    digits, labels = train_module._subset(split.images, split.labels, 16, config.seed + 1)
+    digits, labels = train_module._subset(split.images, split.labels, 16, config.test_seed)
     assert torch.equal(test.labels, labels)
     assert torch.equal(test.images.sum(dim=(1, 2, 3)), digits.sum(dim=(1, 2, 3)))
     assert make_more_tests(TrainConfig(profile="smoke").resolved(), CPU) == {}
