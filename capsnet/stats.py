@@ -145,16 +145,30 @@ def paired_t(a: Sequence[float], b: Sequence[float]) -> PairedResult:
     return PairedResult(mean, p_value, n, (mean - half, mean + half))
 
 
-def verdict(result: PairedResult | None, claimed_sign: int, alpha: float = 0.05) -> str:
+def verdict(
+    result: PairedResult | None, claimed_sign: int, alpha: float = 0.05, margin: float | None = None
+) -> str:
     """The verdict on a claim that b - a has the sign ``claimed_sign`` (+1 or -1; e.g. -1 for
     "b makes fewer errors than a"): ``supported`` or ``contradicted`` when the test finds a
     difference at level ``alpha`` (in the claimed direction or against it), ``no detectable
     difference`` otherwise, and ``not tested at this scale`` when there is no result (``None``:
-    the experiment was not run, or is too small to test the claim)."""
+    the experiment was not run, or is too small to test the claim).
+
+    ``margin`` (a difference fixed in advance, in the units of ``difference``): a result that
+    finds no difference is ``no detectable difference`` only if its 95% interval also lies
+    within ``(-margin, margin)``; a wider interval means the experiment could have missed a
+    difference that large, and the verdict is ``not tested at this scale``. It needs a result
+    with an interval (:func:`paired_t`).
+    """
     if claimed_sign not in (1, -1):
         raise ValueError(f"claimed_sign must be +1 or -1, got {claimed_sign!r}")
     if result is None:
         return NOT_TESTED
     if result.p_value >= alpha or result.difference == 0:
-        return NO_DIFFERENCE
+        if margin is None:
+            return NO_DIFFERENCE
+        if result.interval is None:
+            raise ValueError("a margin needs a result with a confidence interval (paired_t's)")
+        low, high = result.interval
+        return NO_DIFFERENCE if -margin < low and high < margin else NOT_TESTED
     return SUPPORTED if math.copysign(1, result.difference) == claimed_sign else CONTRADICTED

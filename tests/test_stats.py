@@ -70,3 +70,15 @@ def test_verdicts_come_from_the_fixed_vocabulary():
     assert {verdict(r, -1) for r in (better, None)} <= set(VERDICTS)
     with pytest.raises(ValueError, match="claimed_sign"):
         verdict(better, claimed_sign=0)
+
+
+def test_a_margin_decides_between_no_difference_and_not_tested():
+    narrow = PairedResult(difference=0.001, p_value=0.4, n=3, interval=(-0.002, 0.004))
+    wide = PairedResult(difference=0.001, p_value=0.4, n=3, interval=(-0.02, 0.022))
+    assert verdict(narrow, -1, margin=0.005) == "no detectable difference"
+    assert verdict(wide, -1, margin=0.005) == "not tested at this scale"
+    assert verdict(wide, -1) == "no detectable difference"  # without a margin
+    significant = PairedResult(difference=-0.03, p_value=0.01, n=3, interval=(-0.05, -0.01))
+    assert verdict(significant, -1, margin=0.005) == "supported"  # the margin only reads non-differences
+    with pytest.raises(ValueError, match="needs a result with a confidence interval"):
+        verdict(PairedResult(0.0, 1.0, 100), -1, margin=0.005)
