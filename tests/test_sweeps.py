@@ -4,13 +4,25 @@ finished runs and resumes interrupted ones, and sweep_records reads what the run
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from capsnet.cli import build_parser, main
 from capsnet.reference import sweep_records
-from capsnet.sweeps import SEEDS, SWEEPS, SweepError, run_sweep, sweep_runs
+from capsnet.sweeps import (
+    LOGIT_SCALE,
+    LOGIT_SCALES,
+    NO_SQUASH_LR,
+    NO_SQUASH_LRS,
+    SEEDS,
+    SWEEPS,
+    SweepError,
+    run_sweep,
+    sweep_runs,
+)
 
 
 @pytest.mark.parametrize("sweep", sorted(SWEEPS))
@@ -21,12 +33,62 @@ def test_every_run_is_a_valid_train_command(sweep):
 
 
 def test_ablations_switch_one_thing_at_a_time():
+    """Each variant changes one component (no-squash and cross-entropy with the setting the
+    validation split chose for them); three seeds; every run holds out the same validation split."""
+
+    def without_seed(args):
+        i = args.index("--seed")
+        return args[:i] + args[i + 2 :]
+
     runs = sweep_runs("ablations")
-    base = runs["paper-seed0"]
+    base = without_seed(runs["paper-seed0"])
+    assert base[base.index("--val-size") + 1] == "5000" and "--test-seed" not in base
+    tuned = {"no-squash": ["--lr", NO_SQUASH_LR], "cross-entropy": ["--logit-scale", LOGIT_SCALE]}
     for run, args in runs.items():
-        assert run.endswith(tuple(f"seed{s}" for s in SEEDS))
-        extra = [a for a in args if a not in base]
-        assert len(extra) <= 2, (run, extra)  # one option and its value (or a seed)
+        variant, seed = run.rsplit("-seed", 1)
+        assert int(seed) in SEEDS and args[args.index("--seed") + 1] == seed
+        options = without_seed(args)
+        assert options[: len(base)] == base, run
+        extra = [a for a in options[len(base) :] if a not in tuned.get(variant, [])]
+        assert len(extra) <= 2, (run, extra)  # one option and its value
+    assert len(runs) == 7 * len(SEEDS) and len(SEEDS) >= 3
+
+
+def test_the_tuned_settings_come_from_the_tuning_grid():
+    tuning = sweep_runs("ablations-tuning")
+    assert NO_SQUASH_LR in NO_SQUASH_LRS and LOGIT_SCALE in LOGIT_SCALES
+    assert set(tuning) == {f"no-squash-lr{lr}" for lr in NO_SQUASH_LRS} | {
+        f"cross-entropy-scale{s}" for s in LOGIT_SCALES
+    }
+    for args in tuning.values():  # tuned on the validation split of seed 0's runs
+        assert args[args.index("--seed") + 1] == "0" and "--val-size" in args
+
+
+# The sweeps whose records in runs/ follow the shared protocol: every run recorded with the
+# command its sweep defines, all tested on the same images and validated on the same images.
+PROTOCOL_SWEEPS = ("ablations", "ablations-tuning", "data-efficiency")
+RUNS = Path(__file__).resolve().parent.parent / "runs"
+
+
+@pytest.mark.parametrize("sweep", PROTOCOL_SWEEPS)
+def test_recorded_sweeps_are_their_definition_on_shared_images(sweep):
+    if not (RUNS / sweep).is_dir():
+        pytest.skip(f"runs/{sweep} is not in this checkout")
+    records = sweep_records(sweep, download=False)  # every run recorded and finished
+    for run, record in records.items():
+        command = [
+            "python",
+            "-m",
+            "capsnet",
+            "train",
+            *sweep_runs(sweep)[run],
+            "--out",
+            f"runs/{sweep}/{run}",
+        ]
+        assert record["commands"] == [shlex.join([*command, "--quiet"])], run
+        assert len(record["final"]["correct"]) == record["final"]["test_images"], run
+    assert len({r["final"]["images_sha256"] for r in records.values()}) == 1
+    assert len({r["final"]["val"]["images_sha256"] for r in records.values()}) == 1
 
 
 def test_unknown_sweep_and_run():
