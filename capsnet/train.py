@@ -49,6 +49,7 @@ __all__ = [
     "evaluate",
     "export_weights",
     "fit",
+    "images_fingerprint",
     "load_trained",
     "make_data",
     "make_more_tests",
