@@ -362,8 +362,8 @@ def _break_batch_loss(monkeypatch, at_step: int, exception: BaseException | None
     """Training step ``at_step`` raises ``exception`` (default: its loss becomes NaN)."""
     real, steps = train_module.batch_loss, [0]
 
-    def patched(model, x, y, recon_weight, train, loss="margin"):
-        value, scores = real(model, x, y, recon_weight, train, loss)
+    def patched(model, x, y, recon_weight, train, **options):
+        value, scores = real(model, x, y, recon_weight, train, **options)
         steps[0] += train
         if train and steps[0] == at_step:
             if exception is not None:

@@ -197,8 +197,8 @@ def _loss_patch(monkeypatch, at_step: int, make_bad):
     real = train_module.batch_loss
     steps = [0]
 
-    def patched(model, x, y, recon_weight, train, loss="margin"):
-        loss, scores = real(model, x, y, recon_weight, train, loss)
+    def patched(model, x, y, recon_weight, train, **options):
+        loss, scores = real(model, x, y, recon_weight, train, **options)
         if train:
             steps[0] += 1
             if steps[0] == at_step:
