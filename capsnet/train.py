@@ -143,11 +143,12 @@ def evaluate(
                 value, scores = batch_loss(
                     model, x, y, recon_weight, train=False, loss=loss, logit_scale=logit_scale
                 )
+            classes = scores.argmax(dim=1)
             total_loss += value.double() * len(y)
-            correct += (scores.argmax(dim=1) == y).sum()
+            correct += (classes == y).sum()
             n += len(y)
             if per_image:
-                predicted.append(scores.argmax(dim=1))
+                predicted.append(classes)
     model.train(was_training)
     accuracy = correct.item() / n
     result: dict[str, Any] = {
@@ -414,17 +415,16 @@ def fit(
             }
             last = epoch + 1 == epochs or (max_steps is not None and scheduler.last_epoch >= max_steps)
             if (epoch + 1) % test_every == 0 or last:
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    for name, batches in tests.items():
-                        result = evaluate(
-                            model,
-                            batches,
-                            precision=precision,
-                            recon_weight=recon_weight,
-                            loss=loss,
-                            logit_scale=logit_scale,
-                        )
-                        metrics.update({f"{name}_{k}": v for k, v in result.items()})
+                for name, batches in tests.items():  # evaluate restores the random state itself
+                    result = evaluate(
+                        model,
+                        batches,
+                        precision=precision,
+                        recon_weight=recon_weight,
+                        loss=loss,
+                        logit_scale=logit_scale,
+                    )
+                    metrics.update({f"{name}_{k}": v for k, v in result.items()})
             sums.seconds += time.perf_counter() - started
             metrics["seconds"] = sums.seconds
             history.append(metrics)
