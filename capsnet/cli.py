@@ -31,6 +31,7 @@ _CONFIG_OPTIONS = (
     *("dataset", "model", "profile", "epochs", "steps", "test_every", "batch_size", "train_size"),
     *("test_size", "lr", "max_shift", "precision", "seed", "routing_iterations", "routing_gradient"),
     *("coupling", "recon_weight", "loss", "logit_scale", "lr_schedule", "val_size", "test_seed"),
+    *("val_every", "stop_at_val_accuracy"),
 )
 _FLAGS = {"no_decoder": "decoder", "no_squash": "squashed"}
 BENCH_MAX_STEPS = 10_000
@@ -206,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="training images held out for validation, the same for every run (default 0); "
         "evaluated as val_* beside the test set",
+    )
+    t.add_argument(
+        "--val-every",
+        type=int,
+        help="also evaluate the validation split every N optimiser steps (needs --val-size); "
+        "recorded as val_checks in metrics.jsonl",
+    )
+    t.add_argument(
+        "--stop-at-val-accuracy",
+        type=float,
+        metavar="ACCURACY",
+        help="stop training the first time a validation check reaches this accuracy (e.g. 0.95; "
+        "needs --val-every), then test: for comparisons at matched accuracy",
     )
     t.add_argument(
         "--recipe",

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Collection
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -43,6 +43,7 @@ __all__ = [
     "RECIPES",
     "RESUMABLE",
     "TrainConfig",
+    "ValidationChecks",
     "batch_loss",
     "checked_config",
     "config_of",
@@ -240,6 +241,7 @@ class _EpochSums:
     seen: int = 0
     train_seconds: float = 0.0
     seconds: float = 0.0
+    checks: list[list[float]] = field(default_factory=list)
 
     @classmethod
     def start(cls, device: torch.device, state: dict[str, Any] | None = None) -> _EpochSums:
@@ -258,6 +260,19 @@ class _EpochSums:
         return {**vars(self), "loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu()}
 
 
+@dataclass(frozen=True)
+class ValidationChecks:
+    """Evaluate ``batches`` (a validation split) every ``every`` optimiser steps, and with a
+    ``target`` stop training the first time its accuracy reaches it (the stopping rule of a
+    comparison at matched accuracy, chapter 11). The checks never change what training draws
+    from the random number generators, so a run that never reaches ``target`` trains exactly as
+    it would without them."""
+
+    batches: DeviceBatches
+    every: int
+    target: float | None = None
+
+
 def fit(
     model: nn.Module,
     train: DeviceBatches,
@@ -274,6 +289,7 @@ def fit(
     max_steps: int | None = None,
     more_tests: dict[str, DeviceBatches] | None = None,
     test_every: int = 1,
+    checks: ValidationChecks | None = None,
     precision: str = "auto",
     out_dir: str | Path | None = None,
     resume: bool = False,
@@ -296,6 +312,9 @@ def fit(
             ``{name}_accuracy`` and ``{name}_error``.
         test_every: evaluate the test sets every this many epochs and after the last one.
             Evaluation never changes what training draws from the random number generators.
+        checks: validation accuracy within epochs, and the rule that stops training when it
+            reaches a target (:class:`ValidationChecks`). The epoch it stops in ends there and
+            evaluates the test sets; a resumed run that had stopped trains no further.
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :mod:`capsnet.hardware`).
         out_dir: the run folder (:mod:`capsnet.run_folder`) for checkpoint, metrics and run
             record (nothing is written if ``None``); held for this process while it trains.
@@ -310,6 +329,8 @@ def fit(
         ``train_loss``, ``train_accuracy``, ``train_images_per_s``, ``train_seconds`` (the
         epoch's training time, without evaluation), ``seconds`` (the epoch's wall
         time) and, with ``test``, ``test_loss``, ``test_accuracy`` and ``test_error`` (in %).
+        With ``checks``: ``val_checks``, the epoch's ``[step, accuracy]`` pairs, and in the epoch
+        the rule stopped, ``stopped_at`` (``step``, ``accuracy``, ``target``).
 
     Raises:
         NonFiniteLossError: a training loss or, at the end of an epoch, a weight became NaN or
@@ -360,6 +381,8 @@ def fit(
             history, start_epoch = checkpoint["history"], checkpoint["epoch"]
             record = {**checkpoint.get("record", {}), **(record or {})}
             _check_budget(epochs, max_steps, start_epoch, scheduler.last_epoch)
+            if history and "stopped_at" in history[-1]:  # the stopping rule ended this run
+                return history
             if checkpoint.get("cut_short") and (max_steps is None or scheduler.last_epoch < max_steps):
                 # a step budget stopped the last epoch part way: finish it
                 start_epoch, history, cut_short = start_epoch - 1, history[:-1], checkpoint["cut_short"]
@@ -369,7 +392,7 @@ def fit(
             if max_steps is not None and scheduler.last_epoch >= max_steps:
                 break
             sums = _EpochSums.start(device, cut_short)
-            cut_short = None
+            cut_short, stopped = None, None
             started = time.perf_counter()
             model.train()
             train.set_epoch(epoch)
@@ -393,6 +416,20 @@ def fit(
                 sums.correct += (scores.detach().argmax(dim=1) == y).sum()
                 sums.seen += len(y)
                 sums.batches += 1
+                if checks is not None and scheduler.last_epoch % checks.every == 0:
+                    accuracy = evaluate(
+                        model,
+                        checks.batches,
+                        precision=precision,
+                        recon_weight=recon_weight,
+                        loss=loss,
+                        logit_scale=logit_scale,
+                    )["accuracy"]
+                    sums.checks.append([scheduler.last_epoch, accuracy])
+                    if checks.target is not None and accuracy >= checks.target:
+                        stopped = {"step": scheduler.last_epoch, "accuracy": accuracy}
+                        stopped["target"] = checks.target
+                        break
                 if i % 25 == 0 and (mean := running.read(sums.loss_sum / sums.seen)) is not None:
                     if not math.isfinite(mean):  # the mean is non-finite if any loss so far was
                         raise _non_finite(f"the training loss became {mean}", epoch, i, folder)
@@ -413,7 +450,12 @@ def fit(
                 "train_images_per_s": sums.seen / sums.train_seconds,
                 "train_seconds": sums.train_seconds,
             }
+            if checks is not None:
+                metrics["val_checks"] = sums.checks
+            if stopped is not None:
+                metrics["stopped_at"] = stopped
             last = epoch + 1 == epochs or (max_steps is not None and scheduler.last_epoch >= max_steps)
+            last = last or stopped is not None
             if (epoch + 1) % test_every == 0 or last:
                 for name, batches in tests.items():  # evaluate restores the random state itself
                     result = evaluate(
@@ -443,9 +485,11 @@ def fit(
                     "history": history,
                     "record": record,
                 }
-                if sums.batches < len(train):  # the step budget ran out in this epoch
+                if sums.batches < len(train) and stopped is None:  # the step budget ran out
                     state["cut_short"] = sums.state()
                 folder.commit(state)
+            if stopped is not None:
+                break
     return history
 
 
@@ -485,6 +529,9 @@ class TrainConfig:
     (chapter 12); the other fields are the paper's recipe (see :func:`fit`). ``test_seed`` draws
     the test subset (and generated test sets); it defaults to :data:`TEST_SEED` whatever the
     run's ``seed``, so every run tests on the same images and runs can be compared pairwise.
+    ``val_every`` evaluates the validation split (``val_size``) every so many optimiser steps, and
+    ``stop_at_val_accuracy`` stops training the first time its accuracy reaches that target
+    (:class:`ValidationChecks`).
     """
 
     dataset: str = "mnist"
@@ -513,6 +560,8 @@ class TrainConfig:
     val_size: int = 0
     test_seed: int | None = None
     logit_scale: float = 1.0
+    val_every: int | None = None
+    stop_at_val_accuracy: float | None = None
 
     def resolved(self) -> TrainConfig:
         """Fill the ``None`` size fields from the profile (0 sizes mean the whole split) and check
@@ -575,6 +624,23 @@ class TrainConfig:
                 f"{_label('logit_scale')} scales the logits of --loss cross_entropy; with --loss "
                 f"{self.loss} it would do nothing: drop it, or add --loss cross_entropy"
             )
+        if self.val_every is not None and not self.val_size:
+            raise ConfigError(
+                f"{_label('val_every')} evaluates the validation split, and this run holds none out: "
+                "add --val-size N (for example 5000)"
+            )
+        target = self.stop_at_val_accuracy
+        if target is not None:
+            if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target <= 1:
+                raise ConfigError(
+                    f"{_label('stop_at_val_accuracy')} is an accuracy: a number above 0 and at most 1 "
+                    f"(0.95 for 95%), got {target!r}"
+                )
+            if self.val_every is None:
+                raise ConfigError(
+                    f"{_label('stop_at_val_accuracy')} needs the validation checks it stops on: add "
+                    "--val-every N (optimiser steps between checks) and --val-size N"
+                )
         for name, low_included in (("lr", False), ("lr_decay", False), ("recon_weight", True)):
             value = getattr(self, name)
             number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -755,6 +821,7 @@ INTEGER_LIMITS: dict[str, tuple[int, int]] = {
     "test_every": (1, 1_000_000_000),
     "val_size": (0, 30_000),
     "test_seed": (0, 2**32 - 1),
+    "val_every": (1, 1_000_000_000),
 }
 # The largest model a record may describe (the baseline CNN has 35M parameters, CapsNet 8M).
 MAX_PARAMETERS = 500_000_000
@@ -765,7 +832,8 @@ _FROM_PROFILE = (
     "test_size",
     "steps",
     "test_seed",
-)  # None: the profile's (or no step budget; test_seed: TEST_SEED)
+    "val_every",
+)  # None: the profile's (or no step budget; test_seed: TEST_SEED; val_every: no checks)
 # The fields of a resumed run that may change: the budget and how often it is evaluated.
 RESUMABLE = ("epochs", "steps", "test_every")
 
@@ -954,6 +1022,10 @@ def run(
         if config.steps is not None:  # a budget of optimiser steps fixes the number of epochs
             config = replace(config, epochs=-(-config.steps // len(train)))
         record = {"config": asdict(config), "commands": commands, "model_kwargs": config.model_kwargs()}
+        more_tests = make_more_tests(config, device, data_root)
+        checks = None
+        if config.val_every is not None:
+            checks = ValidationChecks(more_tests["val"], config.val_every, config.stop_at_val_accuracy)
         history = fit(
             model,
             train,
@@ -967,8 +1039,9 @@ def run(
             loss=config.loss,
             logit_scale=config.logit_scale,
             max_steps=config.steps,
-            more_tests=make_more_tests(config, device, data_root),
+            more_tests=more_tests,
             test_every=config.test_every,
+            checks=checks,
             precision=config.precision,
             out_dir=out_dir,
             resume=resume,

@@ -223,6 +223,23 @@ def test_train_translated_mnist_records_the_affnist_style_test(tmp_path, data_ro
     assert 0 <= final["affnist_style"]["accuracy"] <= 1 and final["test_images"] == 32
 
 
+def test_train_stops_at_a_validation_accuracy(tmp_path, data_root):
+    """Chapter 11's protocol: checks every 2 steps, stopped at the first that reaches the target
+    (any accuracy reaches 0.01), then tested where it stopped."""
+    args = ["--dataset", "translated-mnist", "--model", "cnn-small", "--profile", "smoke"]
+    args += ["--train-size", "64", "--test-size", "32", "--steps", "6", "--batch-size", "16"]
+    args += ["--val-size", "48", "--val-every", "2", "--stop-at-val-accuracy", "0.01"]
+    result = _capsnet("train", *args, "--out", "run", "--quiet", cwd=tmp_path, data=data_root)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["config"]["val_every"] == 2 and record["config"]["stop_at_val_accuracy"] == 0.01
+    (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["step"] == 2 and metrics["stopped_at"]["step"] == 2
+    assert metrics["val_checks"] == [[2, metrics["stopped_at"]["accuracy"]]]
+    assert {"test_accuracy", "val_accuracy", "affnist_style_accuracy"} <= set(metrics)
+    assert record["final"]["val"]["accuracy"] == metrics["val_accuracy"]
+
+
 # ----------------------------------------------------------------------------- one-line errors
 
 
@@ -256,6 +273,10 @@ BAD_OPTIONS = {
     ),
     "epochs": (["--epochs", "0"], "epochs (--epochs) must be an integer from 1 to 10,000, got 0"),
     "seed": (["--seed", "-1"], "seed (--seed) must be an integer from 0"),
+    "stop-without-checks": (
+        ["--val-size", "100", "--stop-at-val-accuracy", "0.9"],
+        "stop_at_val_accuracy (--stop-at-val-accuracy) needs the validation checks it stops on",
+    ),
 }
 
 

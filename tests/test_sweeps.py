@@ -13,6 +13,7 @@ import pytest
 from capsnet.cli import build_parser, main
 from capsnet.reference import sweep_records
 from capsnet.sweeps import (
+    AFFNIST_TARGET,
     LOGIT_SCALE,
     LOGIT_SCALES,
     NO_SQUASH_LR,
@@ -131,13 +132,13 @@ def fake_processes(monkeypatch):
 
 def test_run_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, fake_processes):
     calls = fake_processes.calls
-    _fake_run(tmp_path / "affnist" / "capsnet")
-    _fake_run(tmp_path / "affnist" / "cnn-small", finished=False, checkpoint=True)
-    assert run_sweep("affnist", tmp_path) == ["cnn-small"]
+    _fake_run(tmp_path / "affnist" / "capsnet-seed0")
+    _fake_run(tmp_path / "affnist" / "cnn-small-seed0", finished=False, checkpoint=True)
+    assert run_sweep("affnist", tmp_path, only=["capsnet-seed0", "cnn-small-seed0"]) == ["cnn-small-seed0"]
     (command,) = calls
     assert command[1:4] == ["-m", "capsnet", "train"]
-    assert command[-4:] == ["--out", str(tmp_path / "affnist" / "cnn-small"), "--resume", "--quiet"]
-    assert command[4:-4] == SWEEPS["affnist"]["cnn-small"]
+    assert command[-4:] == ["--out", str(tmp_path / "affnist" / "cnn-small-seed0"), "--resume", "--quiet"]
+    assert command[4:-4] == SWEEPS["affnist"]["cnn-small-seed0"]
 
 
 def test_sweep_records(tmp_path):
@@ -145,27 +146,44 @@ def test_sweep_records(tmp_path):
         _fake_run(tmp_path / "affnist" / run)
     records = sweep_records("affnist", root=tmp_path)
     assert sorted(records) == sorted(SWEEPS["affnist"])
-    assert records["capsnet"]["final"]["accuracy"] == 0.5
-    assert records["capsnet"]["metrics"] == [{"epoch": 1, "test_accuracy": 0.5}]
-    (tmp_path / "affnist" / "capsnet" / "metrics.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match="python -m capsnet sweep affnist --only capsnet"):
+    assert records["capsnet-seed0"]["final"]["accuracy"] == 0.5
+    assert records["capsnet-seed0"]["metrics"] == [{"epoch": 1, "test_accuracy": 0.5}]
+    (tmp_path / "affnist" / "capsnet-seed0" / "metrics.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="python -m capsnet sweep affnist --only capsnet-seed0"):
         sweep_records("affnist", root=tmp_path)
 
 
 def test_sweep_records_refuse_an_unfinished_run(tmp_path):
-    _fake_run(tmp_path / "affnist" / "capsnet", finished=False)
-    _fake_run(tmp_path / "affnist" / "cnn-small")
-    with pytest.raises(FileNotFoundError, match="capsnet is not finished"):
+    _fake_run(tmp_path / "affnist" / "capsnet-seed0", finished=False)
+    _fake_run(tmp_path / "affnist" / "cnn-small-seed0")
+    with pytest.raises(FileNotFoundError, match="capsnet-seed0 is not finished"):
         sweep_records("affnist", root=tmp_path)
 
 
 def test_a_failed_run_stops_the_sweep_with_one_line(tmp_path, fake_processes, capsys):
     fake_processes.status = 1
-    with pytest.raises(SweepError, match="run capsnet failed .*exit status 1.*this one resumes"):
+    with pytest.raises(SweepError, match="run capsnet-seed0 failed .*exit status 1.*this one resumes"):
         run_sweep("affnist", tmp_path)
     assert main(["sweep", "affnist", "--root", str(tmp_path)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("python -m capsnet sweep: error: sweep affnist: run capsnet failed")
+    assert line.startswith("python -m capsnet sweep: error: sweep affnist: run capsnet-seed0 failed")
+
+
+def test_affnist_compares_the_models_stopped_at_one_validation_accuracy():
+    """Chapter 11's protocol: both models, three seeds, the same options but for the model and
+    its step budget; each stops at AFFNIST_TARGET on validation checks, and tests on the same
+    images (the default test seed)."""
+    runs = sweep_runs("affnist")
+    assert set(runs) == {f"{m}-seed{s}" for m in ("capsnet", "cnn-small") for s in SEEDS}
+    shared = None
+    for run, args in runs.items():
+        config = build_parser().parse_args(["train", *args])
+        assert (config.model, config.seed) == (run.rsplit("-seed", 1)[0], int(run.rsplit("-seed", 1)[1]))
+        assert config.stop_at_val_accuracy == float(AFFNIST_TARGET) and config.val_every and config.val_size
+        assert config.test_seed is None and config.steps
+        options = {k: v for k, v in vars(config).items() if k not in ("model", "seed", "steps")}
+        assert shared in (None, options), run
+        shared = options
 
 
 def test_paper_gpu_sweep_is_table_1_in_priority_order():

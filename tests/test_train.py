@@ -845,3 +845,58 @@ def test_evaluating_random_couplings_gives_one_number_and_leaves_the_generators_
     torch.set_rng_state(state)
     evaluate(model, batches)
     assert torch.equal(torch.get_rng_state(), state), "evaluation moved the global generator"
+
+
+# ----------------------------------------------------------------------------- validation checks
+
+
+def _checked(out: Path | None, epochs: int, target: float | None, **kwargs):
+    """The baseline trained with validation checks every 2 steps (3 batches per epoch) on 20 of its
+    training images, also evaluated at every epoch's end as ``val_*``."""
+    _, val = _data()
+    checks = train_module.ValidationChecks(val, every=2, target=target)
+    return _train("baseline", out, epochs, checks=checks, more_tests={"val": val}, **kwargs)
+
+
+def test_validation_checks_are_recorded_and_leave_training_alone():
+    plain, _ = _train("baseline", None, 3)
+    checked, history = _checked(None, 3, target=None)
+    _assert_same_weights(plain, checked)
+    assert [[step for step, _ in m["val_checks"]] for m in history] == [[2], [4, 6], [8]]
+    assert history[1]["val_checks"][-1][1] == history[1]["val_accuracy"]  # step 6 ends epoch 2
+    assert all("stopped_at" not in m for m in history)
+
+
+def test_training_stops_when_validation_accuracy_reaches_the_target(tmp_path):
+    """The first check at or above the target ends training there; the test sets are evaluated
+    at that point, and the weights are those of a run given exactly that many steps."""
+    _, monitored = _checked(None, 4, target=None, lr=1e-2)
+    checks = [check for m in monitored for check in m["val_checks"]]
+    target = max(accuracy for _, accuracy in checks)
+    step = next(s for s, accuracy in checks if accuracy >= target)
+    stopped, history = _checked(tmp_path, 4, target=target, lr=1e-2)
+    assert history[-1]["stopped_at"] == {"step": step, "accuracy": target, "target": target}
+    assert history[-1]["step"] == step and "test_accuracy" in history[-1]
+    budgeted, _ = _train("baseline", None, 4, max_steps=step, lr=1e-2)
+    _assert_same_weights(stopped, budgeted)
+    resumed, again = _checked(tmp_path, 6, target=target, resume=True, init_seed=7, lr=1e-2)
+    assert _without_timings(again) == _without_timings(history)  # a stopped run trains no further
+    _assert_same_weights(stopped, resumed)
+
+
+def test_validation_check_options_are_checked():
+    config = TrainConfig(profile="smoke", val_size=100, val_every=5, stop_at_val_accuracy=0.9).resolved()
+    assert (config.val_every, config.stop_at_val_accuracy) == (5, 0.9)
+    with pytest.raises(
+        ConfigError, match=r"val_every \(--val-every\) evaluates the validation split.*--val-size"
+    ):
+        TrainConfig(profile="smoke", val_every=5).resolved()
+    with pytest.raises(ConfigError, match=r"needs the validation checks it stops on: add --val-every"):
+        TrainConfig(profile="smoke", val_size=100, stop_at_val_accuracy=0.9).resolved()
+    for bad in (0, 1.5, 95, True, "0.9"):
+        with pytest.raises(
+            ConfigError, match=r"stop_at_val_accuracy \(--stop-at-val-accuracy\) is an accuracy"
+        ):
+            TrainConfig(profile="smoke", val_size=100, val_every=5, stop_at_val_accuracy=bad).resolved()
+    with pytest.raises(ConfigError, match=r"val_every \(--val-every\) must be an integer from 1"):
+        TrainConfig(profile="smoke", val_size=100, val_every=0).resolved()
