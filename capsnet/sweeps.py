@@ -247,10 +247,16 @@ def run_sweep(
 
 
 def _wait_one(running: list[tuple[str, subprocess.Popen]], trained: list[str]) -> list[tuple[str, int]]:
-    """Wait for the first of ``running`` to end; record it in ``trained`` or return its failure."""
-    run, process = running.pop(0)
-    status = process.wait()
-    if status != 0:
-        return [(run, status)]
-    trained.append(run)
-    return []
+    """Wait for whichever of ``running`` ends first (so a short run frees its place at once);
+    record it in ``trained`` or return its failure."""
+    while True:
+        for k, (run, process) in enumerate(running):
+            status = process.poll()
+            if status is None:
+                continue
+            running.pop(k)
+            if status != 0:
+                return [(run, status)]
+            trained.append(run)
+            return []
+        time.sleep(0.2)

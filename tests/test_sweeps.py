@@ -122,6 +122,9 @@ class FakeProcess:
     def wait(self) -> int:
         return FakeProcess.status
 
+    def poll(self) -> int:
+        return FakeProcess.status
+
 
 @pytest.fixture
 def fake_processes(monkeypatch):
@@ -139,6 +142,28 @@ def test_run_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, fa
     assert command[1:4] == ["-m", "capsnet", "train"]
     assert command[-4:] == ["--out", str(tmp_path / "affnist" / "cnn-small-seed0"), "--resume", "--quiet"]
     assert command[4:-4] == SWEEPS["affnist"]["cnn-small-seed0"]
+
+
+def test_a_parallel_sweep_starts_the_next_run_when_any_run_ends(tmp_path, monkeypatch):
+    """The first run outlasts the others: its place is not waited for, the second's is reused."""
+    started = []
+
+    class Slow:
+        def __init__(self, command, **kwargs):
+            self.run, self.polls = Path(command[command.index("--out") + 1]).name, 0
+            started.append(self.run)
+
+        def poll(self):
+            self.polls += 1
+            assert self.polls < 1000, "the sweep waited for the long run only"
+            return None if self.run == "capsnet-seed0" and len(started) < 3 else 0
+
+    monkeypatch.setattr(subprocess, "Popen", Slow)
+    monkeypatch.setattr("capsnet.sweeps.time.sleep", lambda seconds: None)
+    runs = ["capsnet-seed0", "capsnet-seed1", "capsnet-seed2"]
+    trained = run_sweep("affnist", tmp_path, only=runs, parallel=2)
+    assert trained[0] == "capsnet-seed1" and sorted(trained) == runs
+    assert started == runs
 
 
 def test_sweep_records(tmp_path):
