@@ -67,7 +67,7 @@ def test_the_tuned_settings_come_from_the_tuning_grid():
 
 # The sweeps whose records in runs/ follow the shared protocol: every run recorded with the
 # command its sweep defines, all tested on the same images and validated on the same images.
-PROTOCOL_SWEEPS = ("ablations", "ablations-tuning", "data-efficiency")
+PROTOCOL_SWEEPS = ("ablations", "ablations-tuning", "affnist", "data-efficiency")
 RUNS = Path(__file__).resolve().parent.parent / "runs"
 
 
