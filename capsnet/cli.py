@@ -31,7 +31,7 @@ _CONFIG_OPTIONS = (
     *("dataset", "model", "profile", "epochs", "steps", "test_every", "batch_size", "train_size"),
     *("test_size", "lr", "max_shift", "precision", "seed", "routing_iterations", "routing_gradient"),
     *("coupling", "recon_weight", "loss", "logit_scale", "lr_schedule", "val_size", "test_seed"),
-    *("val_every", "stop_at_val_accuracy"),
+    *("val_every", "stop_at_val_accuracy", "val_patience"),
 )
 _FLAGS = {"no_decoder": "decoder", "no_squash": "squashed"}
 BENCH_MAX_STEPS = 10_000
@@ -220,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ACCURACY",
         help="stop training the first time a validation check reaches this accuracy (e.g. 0.95; "
         "needs --val-every), then test: for comparisons at matched accuracy",
+    )
+    t.add_argument(
+        "--val-patience",
+        type=int,
+        metavar="CHECKS",
+        help="stop training after this many validation checks in a row without a new best "
+        "accuracy (needs --val-every), then test: training to convergence on validation",
     )
     t.add_argument(
         "--recipe",

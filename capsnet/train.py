@@ -262,15 +262,41 @@ class _EpochSums:
 
 @dataclass(frozen=True)
 class ValidationChecks:
-    """Evaluate ``batches`` (a validation split) every ``every`` optimiser steps, and with a
-    ``target`` stop training the first time its accuracy reaches it (the stopping rule of a
-    comparison at matched accuracy, chapter 11). The checks never change what training draws
-    from the random number generators, so a run that never reaches ``target`` trains exactly as
-    it would without them."""
+    """Evaluate ``batches`` (a validation split) every ``every`` optimiser steps, and stop
+    training at the first check where a rule says so:
+
+    - ``target``: the accuracy reaches it (the stopping rule of a comparison at matched
+      accuracy, chapter 11);
+    - ``patience``: this many checks in a row without a new best accuracy (training to
+      convergence on the validation split). The run stops where it is; it does not go back
+      to the weights of its best check, which the record names.
+
+    The checks never change what training draws from the random number generators, so a run
+    that no rule stops trains exactly as it would without them."""
 
     batches: DeviceBatches
     every: int
     target: float | None = None
+    patience: int | None = None
+
+    def stop(self, checks: list[list[float]]) -> dict[str, Any] | None:
+        """Whether to stop after the last of ``checks`` (the run's ``[step, accuracy]`` pairs so
+        far, in order): ``None``, or what :func:`fit` records as ``stopped_at``."""
+        step, accuracy = checks[-1]
+        if self.target is not None and accuracy >= self.target:
+            return {"step": step, "accuracy": accuracy, "target": self.target}
+        if self.patience is not None and len(checks) > self.patience:
+            best = max(range(len(checks)), key=lambda i: (checks[i][1], -i))  # first best check
+            if len(checks) - 1 - best >= self.patience:
+                best_step, best_accuracy = checks[best]
+                return {
+                    "step": step,
+                    "accuracy": accuracy,
+                    "patience": self.patience,
+                    "best_step": best_step,
+                    "best_accuracy": best_accuracy,
+                }
+        return None
 
 
 def fit(
@@ -312,9 +338,10 @@ def fit(
             ``{name}_accuracy`` and ``{name}_error``.
         test_every: evaluate the test sets every this many epochs and after the last one.
             Evaluation never changes what training draws from the random number generators.
-        checks: validation accuracy within epochs, and the rule that stops training when it
-            reaches a target (:class:`ValidationChecks`). The epoch it stops in ends there and
-            evaluates the test sets; a resumed run that had stopped trains no further.
+        checks: validation accuracy within epochs, and the rules that stop training when it
+            reaches a target or stops improving (:class:`ValidationChecks`). The epoch it stops
+            in ends there and evaluates the test sets; a resumed run that had stopped trains no
+            further.
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :mod:`capsnet.hardware`).
         out_dir: the run folder (:mod:`capsnet.run_folder`) for checkpoint, metrics and run
             record (nothing is written if ``None``); held for this process while it trains.
@@ -330,7 +357,8 @@ def fit(
         epoch's training time, without evaluation), ``seconds`` (the epoch's wall
         time) and, with ``test``, ``test_loss``, ``test_accuracy`` and ``test_error`` (in %).
         With ``checks``: ``val_checks``, the epoch's ``[step, accuracy]`` pairs, and in the epoch
-        the rule stopped, ``stopped_at`` (``step``, ``accuracy``, ``target``).
+        a rule stopped, ``stopped_at`` (``step``, ``accuracy``, and ``target`` or ``patience``,
+        ``best_step`` and ``best_accuracy``).
 
     Raises:
         NonFiniteLossError: a training loss or, at the end of an epoch, a weight became NaN or
@@ -426,9 +454,8 @@ def fit(
                         logit_scale=logit_scale,
                     )["accuracy"]
                     sums.checks.append([scheduler.last_epoch, accuracy])
-                    if checks.target is not None and accuracy >= checks.target:
-                        stopped = {"step": scheduler.last_epoch, "accuracy": accuracy}
-                        stopped["target"] = checks.target
+                    earlier = [c for m in history for c in m.get("val_checks", [])]
+                    if (stopped := checks.stop(earlier + sums.checks)) is not None:
                         break
                 if i % 25 == 0 and (mean := running.read(sums.loss_sum / sums.seen)) is not None:
                     if not math.isfinite(mean):  # the mean is non-finite if any loss so far was
@@ -530,8 +557,8 @@ class TrainConfig:
     the test subset (and generated test sets); it defaults to :data:`TEST_SEED` whatever the
     run's ``seed``, so every run tests on the same images and runs can be compared pairwise.
     ``val_every`` evaluates the validation split (``val_size``) every so many optimiser steps, and
-    ``stop_at_val_accuracy`` stops training the first time its accuracy reaches that target
-    (:class:`ValidationChecks`).
+    ``stop_at_val_accuracy`` stops training the first time its accuracy reaches that target,
+    ``val_patience`` after that many checks in a row without a new best (:class:`ValidationChecks`).
     """
 
     dataset: str = "mnist"
@@ -562,6 +589,7 @@ class TrainConfig:
     logit_scale: float = 1.0
     val_every: int | None = None
     stop_at_val_accuracy: float | None = None
+    val_patience: int | None = None
 
     def resolved(self) -> TrainConfig:
         """Fill the ``None`` size fields from the profile (0 sizes mean the whole split) and check
@@ -641,6 +669,11 @@ class TrainConfig:
                     f"{_label('stop_at_val_accuracy')} needs the validation checks it stops on: add "
                     "--val-every N (optimiser steps between checks) and --val-size N"
                 )
+        if self.val_patience is not None and self.val_every is None:
+            raise ConfigError(
+                f"{_label('val_patience')} counts the validation checks it stops on: add "
+                "--val-every N (optimiser steps between checks) and --val-size N"
+            )
         for name, low_included in (("lr", False), ("lr_decay", False), ("recon_weight", True)):
             value = getattr(self, name)
             number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -822,6 +855,7 @@ INTEGER_LIMITS: dict[str, tuple[int, int]] = {
     "val_size": (0, 30_000),
     "test_seed": (0, 2**32 - 1),
     "val_every": (1, 1_000_000_000),
+    "val_patience": (1, 1_000_000),
 }
 # The largest model a record may describe (the baseline CNN has 35M parameters, CapsNet 8M).
 MAX_PARAMETERS = 500_000_000
@@ -833,7 +867,8 @@ _FROM_PROFILE = (
     "steps",
     "test_seed",
     "val_every",
-)  # None: the profile's (or no step budget; test_seed: TEST_SEED; val_every: no checks)
+    "val_patience",
+)  # None: the profile's (or no step budget; test_seed: TEST_SEED; val_*: no checks, no rule)
 # The fields of a resumed run that may change: the budget and how often it is evaluated.
 RESUMABLE = ("epochs", "steps", "test_every")
 
@@ -1025,7 +1060,9 @@ def run(
         more_tests = make_more_tests(config, device, data_root)
         checks = None
         if config.val_every is not None:
-            checks = ValidationChecks(more_tests["val"], config.val_every, config.stop_at_val_accuracy)
+            checks = ValidationChecks(
+                more_tests["val"], config.val_every, config.stop_at_val_accuracy, config.val_patience
+            )
         history = fit(
             model,
             train,

@@ -229,10 +229,12 @@ def test_train_stops_at_a_validation_accuracy(tmp_path, data_root):
     args = ["--dataset", "translated-mnist", "--model", "cnn-small", "--profile", "smoke"]
     args += ["--train-size", "64", "--test-size", "32", "--steps", "6", "--batch-size", "16"]
     args += ["--val-size", "48", "--val-every", "2", "--stop-at-val-accuracy", "0.01"]
+    args += ["--val-patience", "2"]  # the target stops the run first
     result = _capsnet("train", *args, "--out", "run", "--quiet", cwd=tmp_path, data=data_root)
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["config"]["val_every"] == 2 and record["config"]["stop_at_val_accuracy"] == 0.01
+    assert record["config"]["val_patience"] == 2
     (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics["step"] == 2 and metrics["stopped_at"]["step"] == 2
     assert metrics["val_checks"] == [[2, metrics["stopped_at"]["accuracy"]]]
@@ -273,6 +275,10 @@ BAD_OPTIONS = {
     ),
     "epochs": (["--epochs", "0"], "epochs (--epochs) must be an integer from 1 to 10,000, got 0"),
     "seed": (["--seed", "-1"], "seed (--seed) must be an integer from 0"),
+    "patience-without-checks": (
+        ["--val-size", "100", "--val-patience", "3"],
+        "val_patience (--val-patience) counts the validation checks it stops on",
+    ),
     "stop-without-checks": (
         ["--val-size", "100", "--stop-at-val-accuracy", "0.9"],
         "stop_at_val_accuracy (--stop-at-val-accuracy) needs the validation checks it stops on",

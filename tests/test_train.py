@@ -850,11 +850,11 @@ def test_evaluating_random_couplings_gives_one_number_and_leaves_the_generators_
 # ----------------------------------------------------------------------------- validation checks
 
 
-def _checked(out: Path | None, epochs: int, target: float | None, **kwargs):
+def _checked(out: Path | None, epochs: int, target: float | None, patience: int | None = None, **kwargs):
     """The baseline trained with validation checks every 2 steps (3 batches per epoch) on 20 of its
     training images, also evaluated at every epoch's end as ``val_*``."""
     _, val = _data()
-    checks = train_module.ValidationChecks(val, every=2, target=target)
+    checks = train_module.ValidationChecks(val, every=2, target=target, patience=patience)
     return _train("baseline", out, epochs, checks=checks, more_tests={"val": val}, **kwargs)
 
 
@@ -884,6 +884,44 @@ def test_training_stops_when_validation_accuracy_reaches_the_target(tmp_path):
     _assert_same_weights(stopped, resumed)
 
 
+def test_patience_stops_after_that_many_checks_without_a_new_best():
+    rule = train_module.ValidationChecks(batches=None, every=1, patience=2)
+    checks = [[1, 0.5], [2, 0.6], [3, 0.6], [4, 0.55], [5, 0.7]]
+    assert [rule.stop(checks[:n]) for n in (1, 2, 3)] == [None, None, None]  # a tie is no new best
+    assert rule.stop(checks[:4]) == {
+        "step": 4,
+        "accuracy": 0.55,
+        "patience": 2,
+        "best_step": 2,
+        "best_accuracy": 0.6,
+    }
+    with_target = train_module.ValidationChecks(batches=None, every=1, target=0.55, patience=2)
+    assert with_target.stop(checks[:2]) == {"step": 2, "accuracy": 0.6, "target": 0.55}
+
+
+def test_patience_counts_checks_across_epochs_and_a_resume(tmp_path):
+    """Checks of earlier epochs count, also those of a run resumed from its checkpoint: a run
+    stopped by patience stops at the same step, with the same weights, either way."""
+    _, monitored = _checked(None, 8, target=None, lr=1e-2)
+    checks = [check for m in monitored for check in m["val_checks"]]
+    best, expected = 0, None  # patience 4: the 4th check in a row that is no new best
+    for i, (step, accuracy) in enumerate(checks):
+        if accuracy > checks[best][1]:
+            best = i
+        elif i - best == 4:
+            expected = (step, checks[best][0])
+            break
+    assert expected is not None and expected[1] <= 9 < expected[0], "best in epoch 1-3, stop after"
+    one, history = _checked(None, 8, target=None, patience=4, lr=1e-2)
+    stopped = history[-1]["stopped_at"]
+    assert (stopped["step"], stopped["best_step"], stopped["patience"]) == (*expected, 4)
+    assert history[-1]["step"] == expected[0] and "test_accuracy" in history[-1]
+    _checked(tmp_path, 3, target=None, patience=4, lr=1e-2)
+    resumed, again = _checked(tmp_path, 8, target=None, patience=4, resume=True, init_seed=7, lr=1e-2)
+    assert again[-1]["stopped_at"] == stopped
+    _assert_same_weights(one, resumed)
+
+
 def test_validation_check_options_are_checked():
     config = TrainConfig(profile="smoke", val_size=100, val_every=5, stop_at_val_accuracy=0.9).resolved()
     assert (config.val_every, config.stop_at_val_accuracy) == (5, 0.9)
@@ -898,5 +936,9 @@ def test_validation_check_options_are_checked():
             ConfigError, match=r"stop_at_val_accuracy \(--stop-at-val-accuracy\) is an accuracy"
         ):
             TrainConfig(profile="smoke", val_size=100, val_every=5, stop_at_val_accuracy=bad).resolved()
+    with pytest.raises(ConfigError, match=r"val_patience \(--val-patience\) counts the validation checks"):
+        TrainConfig(profile="smoke", val_size=100, val_patience=3).resolved()
+    with pytest.raises(ConfigError, match=r"val_patience \(--val-patience\) must be an integer from 1"):
+        TrainConfig(profile="smoke", val_size=100, val_every=5, val_patience=0).resolved()
     with pytest.raises(ConfigError, match=r"val_every \(--val-every\) must be an integer from 1"):
         TrainConfig(profile="smoke", val_size=100, val_every=0).resolved()
