@@ -14,6 +14,8 @@ from capsnet.cli import build_parser, main
 from capsnet.reference import sweep_records
 from capsnet.sweeps import (
     AFFNIST_TARGET,
+    CNN_LR,
+    CNN_LRS,
     LOGIT_SCALE,
     LOGIT_SCALES,
     NO_SQUASH_LR,
@@ -207,6 +209,38 @@ def test_affnist_compares_the_models_stopped_at_one_validation_accuracy():
         assert config.stop_at_val_accuracy == float(AFFNIST_TARGET) and config.val_every and config.val_size
         assert config.test_seed is None and config.steps
         options = {k: v for k, v in vars(config).items() if k not in ("model", "seed", "steps")}
+        assert shared in (None, options), run
+        shared = options
+
+
+def test_data_efficiency_to_convergence_differs_only_in_model_size_and_seed():
+    """Chapter 13's second protocol: each run stops when validation accuracy stops improving
+    (a patience rule, a cap far away), CapsNet at the paper's rate, the CNN at the rate its own
+    tuning runs chose on validation; all test on the same images."""
+    tuning = sweep_runs("data-efficiency-tuning")
+    assert CNN_LR in CNN_LRS and set(tuning) == {f"cnn-small-lr{lr}" for lr in CNN_LRS}
+    runs = sweep_runs("data-efficiency-converged")
+    assert set(runs) == {
+        f"{m}-{f}-seed{s}" for m in ("capsnet", "cnn-small") for f in ("1pct", "5pct") for s in SEEDS
+    }
+    gpu = sweep_runs("data-efficiency-converged-gpu")
+    assert set(gpu) == set(sweep_runs("data-efficiency")) > set(runs)
+    for run, args in runs.items():  # the GPU sweep is the CPU sweep with a longer cap, and more sizes
+        cap = args.index("--steps") + 1
+        assert gpu[run][:cap] + gpu[run][cap + 1 :] == args[:cap] + args[cap + 1 :], run
+        assert int(gpu[run][cap]) > int(args[cap])
+    runs = {**runs, **{f"gpu-{run}": args for run, args in gpu.items()}}
+    shared = None
+    for run, args in {**tuning, **runs}.items():
+        config = build_parser().parse_args(["train", *args])
+        assert config.val_patience and config.val_every and config.val_size and config.steps
+        assert config.test_seed is None and config.stop_at_val_accuracy is None
+        if run in runs:
+            assert config.lr == (1e-3 if config.model == "capsnet" else float(CNN_LR)), run
+        else:
+            assert (config.model, config.seed, config.train_size) == ("cnn-small", 0, 600), run
+        varied = ("model", "seed", "steps", "train_size", "lr")
+        options = {k: v for k, v in vars(config).items() if k not in varied}
         assert shared in (None, options), run
         shared = options
 
