@@ -286,6 +286,18 @@ def test_small_cnn_is_about_as_large_as_capsnet():
     assert build_model("cnn-small", input_size=40)(torch.rand(2, 1, 40, 40)).shape == (2, 10)
 
 
+def test_the_flop_matched_cnn_matches_capsnet_in_compute_and_size():
+    from capsnet.bench import flops_per_image, layer_multiply_adds
+
+    model, capsnet = build_model("cnn-flops"), CapsNet()
+    macs = layer_multiply_adds(model, 28)  # a training step: about 3 passes, 2 for the first layer
+    training = 2 * (2 * macs[0] + 3 * sum(macs[1:]))
+    assert 0.95 < training / flops_per_image(capsnet)["training"] < 1.05
+    size = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in capsnet.parameters())
+    assert 0.95 < size < 1.05
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_capsnet_without_squash_is_built_and_runs():
     torch.manual_seed(0)
     model = CapsNet(squashed=False, conv_channels=16, primary_types=4, decoder=False)
