@@ -227,9 +227,12 @@ def test_data_efficiency_to_convergence_differs_only_in_model_size_and_seed():
     tuning = sweep_runs("data-efficiency-tuning")
     assert CNN_LR in CNN_LRS and set(tuning) == {f"cnn-small-lr{lr}" for lr in CNN_LRS}
     runs = sweep_runs("data-efficiency-converged")
-    assert set(runs) == {f"{m}-1pct-seed{s}" for m in ("capsnet", "cnn-small") for s in SEEDS}
+    models = ("capsnet", "cnn-small", "cnn-flops")
+    assert set(runs) == {f"{m}-1pct-seed{s}" for m in models for s in SEEDS}
     gpu = sweep_runs("data-efficiency-converged-gpu")
-    assert set(gpu) == set(sweep_runs("data-efficiency")) > set(runs)
+    fixed_budget = sweep_runs("data-efficiency")
+    assert set(gpu) == set(fixed_budget) | {r.replace("cnn-small", "cnn-flops") for r in fixed_budget}
+    assert set(gpu) > set(runs)
     for run, args in runs.items():  # the GPU sweep is the CPU sweep with a longer cap, and more sizes
         cap = args.index("--steps") + 1
         assert gpu[run][:cap] + gpu[run][cap + 1 :] == args[:cap] + args[cap + 1 :], run
