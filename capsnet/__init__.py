@@ -1,6 +1,6 @@
 """capsnet: capsule networks with dynamic routing (Sabour, Frosst & Hinton 2017) in PyTorch.
 
-Layers, bottom up: ``squashing`` and ``losses`` (tensor functions) -> ``routing`` ->
+Layers, bottom up: ``squashing``, ``losses`` and ``conv`` (tensor functions) -> ``routing`` ->
 ``layers`` -> ``models`` -> ``train``, ``bench``, ``budget``, ``reference``, ``plotting`` -> ``cli``.
 ``profiles`` (run sizes, and every chapter's sizes) stands below them all; ``display`` (results
 tables and source listings for the chapters) and ``stats`` (paired tests, verdicts) stand apart.

@@ -8,7 +8,10 @@ precision that :func:`capsnet.hardware.resolve_precision` picks for it (``"auto"
 * inference images/s: ``model(x)`` in eval mode without gradients (decoder included);
 * peak memory of a training step at the benchmark's batch size and at batch 100;
 * the machine's own matrix-multiply rate in the same precisions (best of several large square
-  ``torch.matmul``), so that each throughput is also given as a fraction of it.
+  ``torch.matmul``), so that each throughput is also given as a fraction of it;
+* on the CPU, which way :mod:`capsnet.conv` chose to compute the PrimaryCaps gradients
+  (it times both on first use), and fp32 training with PyTorch's own convolution backward for
+  comparison.
 
 The FLOP counts are derived from the model's layer shapes by :func:`flops_per_image`.
 
@@ -24,9 +27,10 @@ layer in the forward pass; ``forward`` and ``training``: FLOPs per image), ``mat
 ``size``, ``gflops``), ``results`` (one per precision: ``precision``, ``train_images_per_s``,
 ``train_step_seconds``, ``train_gflops``, ``train_fraction_of_matmul``,
 ``inference_images_per_s``, ``inference_step_seconds``, ``inference_gflops``,
-``inference_fraction_of_matmul``, ``peak_memory_mb``, ``peak_memory_mb_batch_100``; memory is
-``null`` where it cannot be measured). Images/s are computed from the median step time; every
-step time is kept.
+``inference_fraction_of_matmul``, ``peak_memory_mb``, ``peak_memory_mb_batch_100``,
+``conv_backward``: ``auto`` or ``native``; memory is ``null`` where it cannot be measured),
+``conv_backward_chosen`` (:func:`capsnet.conv.chosen_backward`). Images/s are computed
+from the median step time; every step time is kept.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .conv import chosen_backward, conv_backward
 from .hardware import autocast, default_device, describe, resolve_precision
 from .layers import conv_output_size
 from .models import CapsNet
@@ -268,11 +273,18 @@ def _step_times(
 
 
 def _measure(
-    precision: str, batch_size: int, steps: int, device: torch.device, flops: dict[str, Any], matmul: float
+    precision: str,
+    batch_size: int,
+    steps: int,
+    device: torch.device,
+    flops: dict[str, Any],
+    matmul: float,
+    backward: str = "auto",
 ) -> dict[str, Any]:
     """Training and inference throughput and peak memory of one precision."""
-    train_times, infer_times = _step_times(precision, batch_size, steps, device)
-    result: dict[str, Any] = {"precision": precision}
+    with conv_backward(backward):
+        train_times, infer_times = _step_times(precision, batch_size, steps, device)
+    result: dict[str, Any] = {"precision": precision, "conv_backward": backward}
     for name, times, flop_key in (("train", train_times, "training"), ("inference", infer_times, "forward")):
         images_per_s = batch_size / statistics.median(times)
         gflops = images_per_s * flops[flop_key] / 1e9
@@ -280,6 +292,9 @@ def _measure(
         result[f"{name}_step_seconds"] = times
         result[f"{name}_gflops"] = gflops
         result[f"{name}_fraction_of_matmul"] = gflops / matmul
+    if backward == "native":  # a comparison of speed only
+        result["peak_memory_mb"] = result[f"peak_memory_mb_batch_{MEMORY_BATCH_SIZE}"] = None
+        return result
     result["peak_memory_mb"] = training_memory_mb(batch_size, precision, device)
     result[f"peak_memory_mb_batch_{MEMORY_BATCH_SIZE}"] = (
         result["peak_memory_mb"]
@@ -304,6 +319,10 @@ def benchmark(
         for p in precisions
     }
     results = [_measure(p, batch_size, steps, device, flops, matmul[p]["gflops"]) for p in precisions]
+    if device.type == "cpu":  # PyTorch's own backward for comparison (capsnet.conv)
+        results.insert(
+            1, _measure("fp32", batch_size, steps, device, flops, matmul["fp32"]["gflops"], "native")
+        )
     return {
         "device": str(device),
         "hardware": describe(device),
@@ -313,6 +332,7 @@ def benchmark(
         "flops_per_image": flops,
         "matmul": matmul,
         "results": results,
+        "conv_backward_chosen": chosen_backward(),
     }
 
 
@@ -333,11 +353,14 @@ def format_table(record: dict[str, Any]) -> str:
             f"{p} {m['gflops']:.1f} GFLOP/s ({m['size']}x{m['size']})" for p, m in record["matmul"].items()
         ),
         "",
-        f"{'precision':<10}{'mode':<11}{'images/s':>10}{'range':>17}{'GFLOP/s':>9}{'of matmul':>11}"
+        f"{'precision':<10}{'mode':<26}{'images/s':>10}{'range':>17}{'GFLOP/s':>9}{'of matmul':>11}"
         f"{'peak MiB':>10}{'MiB @' + str(MEMORY_BATCH_SIZE):>10}",
     ]
     for r in record["results"]:
+        native = r.get("conv_backward") == "native"
         for mode in ("train", "inference"):
+            if native and mode == "inference":
+                continue  # the backward path does not change inference
             rates = [record["batch_size"] / t for t in r[f"{mode}_step_seconds"]]
             memory = (
                 f"{_mib(r['peak_memory_mb']):>10}{_mib(r[f'peak_memory_mb_batch_{MEMORY_BATCH_SIZE}']):>10}"
@@ -345,10 +368,21 @@ def format_table(record: dict[str, Any]) -> str:
                 else ""
             )
             lines.append(
-                f"{r['precision']:<10}{mode:<11}{r[f'{mode}_images_per_s']:>10.1f}"
+                f"{r['precision']:<10}{mode + ', native backward' * native:<26}"
+                f"{r[f'{mode}_images_per_s']:>10.1f}"
                 f"{f'{min(rates):.1f}-{max(rates):.1f}':>17}{r[f'{mode}_gflops']:>9.1f}"
                 f"{r[f'{mode}_fraction_of_matmul']:>11.0%}{memory}"
             )
+    for chosen in record.get("conv_backward_chosen", []):
+        layer = f"{chosen['weight_shape'][1]} -> {chosen['weight_shape'][0]} channels"
+        lines.append(
+            f"{layer} convolution gradients, {chosen['dtype']}, batch {chosen['input_shape'][0]}: "
+            + "; ".join(
+                f"{grad} {' vs '.join(f'{way} {t:.3f} s' for way, t in ways.items())}"
+                f" -> {chosen[grad + '_gradient']}"
+                for grad, ways in chosen["seconds"].items()
+            )
+        )
     return "\n".join(lines)
 
 

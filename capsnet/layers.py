@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .conv import Conv2d
 from .routing import CouplingMode, GradientMode, dynamic_routing
 from .squashing import squash
 
@@ -53,7 +54,8 @@ class PrimaryCapsules(nn.Module):
         self.squashed = squashed
         self.capsule_types = capsule_types
         self.capsule_dim = capsule_dim
-        self.conv = nn.Conv2d(in_channels, capsule_types * capsule_dim, kernel_size, stride)
+        # nn.Conv2d with its gradients computed the faster way on this machine (capsnet.conv)
+        self.conv = Conv2d(in_channels, capsule_types * capsule_dim, kernel_size, stride)
 
     def num_capsules(self, input_size: int) -> int:
         """Number of capsules produced from a square ``input_size x input_size`` feature map."""

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .conv import Conv2d
 from .layers import PrimaryCapsules, RoutingCapsules, conv_output_size
 from .losses import as_target_mask
 from .routing import CouplingMode, GradientMode
@@ -129,7 +130,7 @@ class CapsNet(nn.Module):
     ) -> None:
         super().__init__()
         self.input_size, self.in_channels, self.classes = input_size, in_channels, classes
-        self.conv1 = nn.Conv2d(in_channels, conv_channels, kernel_size)
+        self.conv1 = Conv2d(in_channels, conv_channels, kernel_size)  # nn.Conv2d, faster gradients
         self.primary = PrimaryCapsules(
             conv_channels, primary_types, primary_dim, kernel_size, 2, squashed=squashed
         )

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_fp16_weights
+from .conv import chosen_backward, remember_backward
 from .data import DATASETS, DeviceBatches, affnist_style, load_dataset, translated_mnist
 from .hardware import PRECISIONS, autocast, default_device, describe, resolve_precision
 from .losses import margin_loss, reconstruction_loss
@@ -408,6 +409,7 @@ def fit(
             _set_rng_state(checkpoint["rng"])
             history, start_epoch = checkpoint["history"], checkpoint["epoch"]
             record = {**checkpoint.get("record", {}), **(record or {})}
+            remember_backward(record.get("conv_backward", []))  # the same gradient arithmetic
             _check_budget(epochs, max_steps, start_epoch, scheduler.last_epoch)
             if history and "stopped_at" in history[-1]:  # the stopping rule ended this run
                 return history
@@ -500,6 +502,8 @@ def fit(
             if progress:
                 shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
                 tqdm.write(strict_json(shown))
+            if chosen := chosen_backward():  # how this process computes convolution gradients
+                record["conv_backward"] = chosen
             if folder is not None:
                 state = {
                     "model": model.state_dict(),

@@ -57,10 +57,18 @@ def test_bench_writes_json_with_the_documented_keys(monkeypatch, tmp_path, capsy
         "flops_per_image",
         "matmul",
         "results",
+        "conv_backward_chosen",
     }
     assert record["device"] == "cpu" and record["batch_size"] == 2 and record["steps"] == 2
     precisions = [r["precision"] for r in record["results"]]
-    assert precisions[0] == "fp32" and set(precisions) <= {"fp32", "bf16"}
+    assert precisions[:2] == ["fp32", "fp32"] and set(precisions) <= {"fp32", "bf16"}
+    # fp32 with PyTorch's own convolution backward beside the chosen one, for comparison
+    assert [r["conv_backward"] for r in record["results"]][:2] == ["auto", "native"]
+    chosen = {(c["dtype"], c["weight_shape"][1]): c for c in record["conv_backward_chosen"]}
+    conv1, primary = chosen["float32", 1], chosen["float32", 256]  # no input gradient for the image
+    assert set(conv1["seconds"]) == {"weight"} and set(primary["seconds"]) == {"weight", "input"}
+    assert primary["weight_shape"] == [256, 256, 9, 9] and primary["stride"] == 2
+    assert primary["weight_gradient"] in primary["seconds"]["weight"]
     assert set(record["matmul"]) == set(precisions)
     assert all(m["size"] == 64 and m["gflops"] > 0 for m in record["matmul"].values())
     for result in record["results"]:
@@ -68,9 +76,13 @@ def test_bench_writes_json_with_the_documented_keys(monkeypatch, tmp_path, capsy
             assert len(result[f"{mode}_step_seconds"]) == 2
             assert result[f"{mode}_images_per_s"] > 0
             assert math.isfinite(result[f"{mode}_fraction_of_matmul"])
-        assert result["peak_memory_mb"] > 0 and result["peak_memory_mb_batch_2"] == result["peak_memory_mb"]
+        if result["conv_backward"] == "auto":
+            assert result["peak_memory_mb"] > 0
+            assert result["peak_memory_mb_batch_2"] == result["peak_memory_mb"]
     table = capsys.readouterr().out
     assert "fp32" in table and "inference" in table and str(path) in table
+    assert "train, native backward" in table
+    assert "256 -> 256 channels convolution gradients, float32, batch 2" in table
 
 
 def test_bench_rejects_empty_runs() -> None:
