@@ -15,7 +15,10 @@ Usage (from the repository root)::
     python tools/time_to_accuracy.py --isa avx2 --out runs/fast-recipe/avx2-2core
     python tools/time_to_accuracy.py --out /tmp/try -- --lr 2e-3 --steps 500   # options for train
 
-It writes ``time_to_accuracy.json`` into the run folder beside the run's own records.
+It writes ``time_to_accuracy.json`` into the run folder beside the run's own records, with the
+machine's fp32 matmul rate measured just before and just after the run (``matmul_gflops``): on a
+shared machine the same code can run at half speed at another hour, and that rate says which hour
+it was.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from capsnet.bench import MATMUL_SIZE, matmul_gflops
 
 ISA_ENVIRONMENT = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 TARGET_ACCURACY = 0.99
@@ -94,15 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     command = [sys.executable, "-m", "capsnet", "train", *options]
     print(f"{' '.join(command)}\ninstructions: {used}; load average {os.getloadavg()}", flush=True)
     load_before = os.getloadavg()
+    matmul_before = matmul_gflops(torch.float32, torch.device("cpu"), MATMUL_SIZE["cpu"])
     started = time.perf_counter()
     subprocess.run(command, env=environment, check=True)
+    wall_seconds = time.perf_counter() - started
+    matmul_after = matmul_gflops(torch.float32, torch.device("cpu"), MATMUL_SIZE["cpu"])
     summary = {
         "command": "python -m capsnet train " + " ".join(options),
         "environment": {k: environment[k] for k in ISA_ENVIRONMENT.get(args.isa, {})},
         "instructions": used,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "wall_seconds": time.perf_counter() - started,
+        "matmul_gflops": {"before": matmul_before, "after": matmul_after},
+        "wall_seconds": wall_seconds,
         **summarize(args.out),
         "targets": {"test_accuracy": TARGET_ACCURACY, "training_seconds": TARGET_SECONDS},
     }
@@ -110,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{summary['steps']} steps in {summary['training_seconds']:.0f} s of training "
         f"({summary['precision']}, {used['aten']}): test accuracy {summary['test_accuracy']:.2%} "
-        f"on {summary['test_images']:,} images; validation {summary['val_accuracy']}"
+        f"on {summary['test_images']:,} images; validation {summary['val_accuracy']}; "
+        f"fp32 matmul {matmul_before:.0f} GFLOP/s before, {matmul_after:.0f} after"
     )
     return 0
 
