@@ -102,9 +102,11 @@ def test_auto_times_each_shape_once(monkeypatch):
     with torch.no_grad():
         conv2d(x, w, b, 2)
     assert chosen_backward() == []  # nothing to choose without gradients
+    state = torch.get_rng_state()
     with conv_backward("auto"):
         out = conv2d(x, w, b, 2)
         conv2d(x[:1], w, b, 2)  # same shape but the batch: chosen already
+    assert torch.equal(torch.get_rng_state(), state)  # timing draws no random numbers
     (choice,) = chosen_backward()
     assert set(choice["seconds"]["input"]) == {"native", "phases"}
     assert set(choice["seconds"]["weight"]) == {"native", "convolution"}
