@@ -9,9 +9,9 @@ precision that :func:`capsnet.hardware.resolve_precision` picks for it (``"auto"
 * peak memory of a training step at the benchmark's batch size and at batch 100;
 * the machine's own matrix-multiply rate in the same precisions (best of several large square
   ``torch.matmul``), so that each throughput is also given as a fraction of it;
-* on the CPU, which way :mod:`capsnet.conv` chose to compute the PrimaryCaps gradients
-  (it times both on first use), and fp32 training with PyTorch's own convolution backward for
-  comparison.
+* on the CPU, which way :mod:`capsnet.conv` chose to compute each gradient of the two
+  convolutions (it times both on first use), and fp32 training with PyTorch's own convolution
+  backward for comparison.
 
 The FLOP counts are derived from the model's layer shapes by :func:`flops_per_image`.
 
