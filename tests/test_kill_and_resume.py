@@ -29,6 +29,7 @@ import capsnet.run_folder
 import capsnet.train as train_module
 from capsnet.checkpoint import load_checkpoint
 from capsnet.cli import main
+from capsnet.conv import conv_backward
 from capsnet.run_folder import LOCK, RunFolder
 
 TINY_CAPSNET = {"conv_channels": 16, "primary_types": 4, "decoder_hidden": (32, 64)}
@@ -38,6 +39,15 @@ TIMINGS = {"seconds", "train_images_per_s", "train_seconds"}
 FORK = multiprocessing.get_context("fork") if sys.platform != "win32" else None
 
 pytestmark = pytest.mark.skipif(FORK is None, reason="needs fork and SIGKILL")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_way_to_compute_gradients():
+    """Every child computes the convolution gradients the same way. Under ``auto`` each process
+    times both ways and may keep another: a resumed run reuses its record's choice, but a run
+    killed before its first record starts afresh and times again (capsnet.conv)."""
+    with conv_backward("convolutions"):
+        yield
 
 
 def _digits(config, split: str, root) -> tuple[torch.Tensor, torch.Tensor]:
