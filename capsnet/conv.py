@@ -40,9 +40,9 @@ __all__ = [
     "Conv2dFunction",
     "chosen_backward",
     "conv_backward",
+    "conv2d",
     "input_grad_by_phases",
     "remember_backward",
-    "conv2d",
     "weight_grad_as_conv",
 ]
 
