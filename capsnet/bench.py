@@ -53,7 +53,7 @@ from .conv import chosen_backward, conv_backward
 from .hardware import autocast, default_device, describe, resolve_precision
 from .layers import conv_output_size
 from .models import CapsNet
-from .train import batch_loss
+from .train import adam, batch_loss
 
 __all__ = ["benchmark", "flops_per_image", "format_table", "layer_multiply_adds", "main", "matmul_gflops"]
 
@@ -208,7 +208,7 @@ def _training_step(
 def _new_model(device: torch.device) -> tuple[CapsNet, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = CapsNet().to(device)
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+    return model, adam(model.parameters(), 1e-3)
 
 
 def _proc_status_mb(field: str) -> float:

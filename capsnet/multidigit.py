@@ -24,7 +24,7 @@ from .hardware import autocast, resolve_precision
 from .losses import margin_loss, reconstruction_loss
 from .models import CapsNet
 from .squashing import capsule_length
-from .train import NonFiniteLossError
+from .train import NonFiniteLossError, adam
 
 __all__ = ["fit_two_digits", "evaluate_two_digits", "two_digit_loss", "two_hot", "top_two"]
 
@@ -140,7 +140,7 @@ def fit_two_digits(
     """
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = adam(model.parameters(), lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     train = _on(train, device)
     test = _on(test, device) if test is not None else None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -45,6 +45,7 @@ __all__ = [
     "RESUMABLE",
     "TrainConfig",
     "ValidationChecks",
+    "adam",
     "batch_loss",
     "checked_config",
     "config_of",
@@ -161,6 +162,22 @@ def evaluate(
     if per_image:
         result["predicted"] = torch.cat(predicted).cpu()
     return result
+
+
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def adam(parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with PyTorch's defaults (betas 0.9 and 0.999, eps 1e-8), as every trainer here uses it.
+
+    On the CPU and CUDA it is PyTorch's fused implementation: the same update, equal to the
+    default one up to rounding (a test checks it in float64), computed in one pass over each
+    weight instead of about eight. For CapsNet on 2 CPU cores an optimiser step takes about 5 ms
+    instead of 30, which is a tenth of a training step at batch 32 (chapter 15).
+    """
+    parameters = list(parameters)
+    fused = all(p.device.type in FUSED_ADAM_DEVICES for p in parameters) or None
+    return torch.optim.Adam(parameters, lr=lr, fused=fused)
 
 
 def _lr_lambda(decay: float, steps: int):
@@ -381,7 +398,7 @@ def fit(
         raise ValueError("resume=True needs out_dir, the folder of the run to continue")
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = adam(model.parameters(), lr)
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
     if lr_schedule == "paper":

@@ -27,6 +27,7 @@ from capsnet.train import (
     ConfigError,
     NonFiniteLossError,
     TrainConfig,
+    adam,
     batch_loss,
     evaluate,
     export_weights,
@@ -187,6 +188,26 @@ def test_learning_rate_schedule(monkeypatch):
     for metrics in history:  # the rate the next step will use
         assert metrics["lr"] == pytest.approx(1e-3 * 0.96 ** (metrics["step"] / 2), rel=1e-12)
     assert [m["step"] for m in history] == [3, 6]
+
+
+def test_adam_is_fused_on_the_cpu_and_equals_the_default_to_rounding():
+    """``adam`` takes PyTorch's fused kernel on the CPU; 30 steps under a changing learning rate
+    end where the default implementation ends, up to float64 rounding."""
+    start = torch.randn(500, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ends = []
+    for make in (adam, lambda params, lr: torch.optim.Adam(params, lr=lr)):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = make([weight], 1e-2)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+        gradients = torch.Generator().manual_seed(1)
+        for _ in range(30):
+            weight.grad = torch.randn(500, dtype=torch.float64, generator=gradients)
+            optimizer.step()
+            schedule.step()
+        ends.append(weight.detach())
+    assert adam([torch.nn.Parameter(start)], 1e-3).defaults["fused"] is True
+    assert not torch.equal(ends[0], start)
+    torch.testing.assert_close(ends[0], ends[1], rtol=0, atol=1e-15)
 
 
 # ----------------------------------------------------------------------------- non-finite losses
