@@ -8,6 +8,8 @@ kernels inherit them. Values already in the environment win.
 - ``CAPSNET_PROFILE=smoke``: notebooks under test train for seconds, not minutes.
 - ``CAPSNET_DATA``: the shared MNIST / Fashion-MNIST folder next to the checkout (``../shared/data``)
   when it exists, so tests never download.
+- ``CAPSNET_CONV_CACHE=""``: ``capsnet.conv`` keeps its timed choices in the process, not in the
+  user's cache file, so that no test depends on what an earlier run stored there.
 
 ``MPLBACKEND`` is deliberately *not* set: kernels must keep Jupyter's inline backend so that figures
 are actually drawn (a drawing error then fails the test) and cells whose output nbval compares
@@ -23,6 +25,7 @@ from pathlib import Path
 import matplotlib
 
 os.environ.setdefault("CAPSNET_PROFILE", "smoke")
+os.environ.setdefault("CAPSNET_CONV_CACHE", "")
 
 _shared_data = Path(__file__).resolve().parent.parent / "shared" / "data"
 if "CAPSNET_DATA" not in os.environ and _shared_data.is_dir():

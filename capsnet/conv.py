@@ -19,20 +19,32 @@ both ways of each gradient it needs once per shape, on the CPU, and keeps the fa
 (:func:`chosen_backward` lists the choices and their timings; ``python -m capsnet bench`` prints
 them). Elsewhere (CUDA, or inside ``torch.compile``) it is a plain ``F.conv2d``.
 :class:`Conv2d` is the layer (CapsNet's two convolutions).
+
+The choices persist between processes on one machine, in ``~/.cache/capsnet/conv-backward.json``
+(``CAPSNET_CONV_CACHE`` names another file, or ``""`` for none), under the CPU, the vector
+instructions PyTorch's libraries use and PyTorch's version: timing is noisy, and two processes that
+timed for themselves could choose differently and then differ in rounding. Delete the file to time
+again.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .hardware import cpu_name
 
 __all__ = [
     "BACKWARD_MODES",
@@ -171,6 +183,71 @@ def _choose(x: torch.Tensor, weight: torch.Tensor, stride: int, input_grad: bool
     }
 
 
+def _cache_file() -> Path | None:
+    """The file where ``auto``'s choices persist, or None (``CAPSNET_CONV_CACHE=""``)."""
+    configured = os.environ.get("CAPSNET_CONV_CACHE")
+    if configured is not None:
+        return Path(configured).expanduser() if configured else None
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "capsnet" / "conv-backward.json"
+
+
+def _machine() -> str:
+    """What a timing depends on besides the shapes: the CPU, the vector instructions of ATen and
+    oneDNN (``ONEDNN_MAX_CPU_ISA`` can restrict oneDNN's) and PyTorch's version."""
+    aten, onednn = torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "any")
+    return f"{cpu_name()}; ATen {aten}; oneDNN max {onednn}; torch {torch.__version__}"
+
+
+def _stored(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """The cache file's choices by machine; empty if it is missing or unreadable (then rewritten)."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _valid(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and entry.get("input_gradient") in ("native", "phases")
+        and entry.get("weight_gradient") in ("native", "convolution")
+    )
+
+
+def _stored_or_timed(key: tuple[Any, ...], time_it: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The choice for ``key`` from the cache file, or ``time_it()``, then stored there. One process
+    at a time reads, times and writes (a file lock), so processes started together agree. Without
+    a usable file, every process times for itself."""
+    path = _cache_file()
+    if path is None:
+        return time_it()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{path}.lock")
+        lock.acquire()
+    except OSError:
+        return time_it()
+    try:
+        stored, machine, name = _stored(path), _machine(), repr(key)
+        if not isinstance(stored.get(machine), dict):
+            stored[machine] = {}
+        entry = stored[machine].get(name)
+        if _valid(entry):
+            return entry
+        entry = stored[machine][name] = time_it()
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+                json.dump(stored, f, indent=1)
+            os.replace(f.name, path)
+        except OSError:
+            pass  # the choice holds in this process only
+        return entry
+    finally:
+        lock.release()
+
+
 def _key(
     dtype: torch.dtype,
     input_shape: Sequence[int],
@@ -196,14 +273,18 @@ def _paths(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[str, str
     input_grad, threads = x.requires_grad, torch.get_num_threads()
     key = _key(x.dtype, x.shape, weight.shape, stride, input_grad, threads)
     if key not in _chosen:
-        _chosen[key] = {
-            "dtype": str(x.dtype).removeprefix("torch."),
-            "input_shape": list(x.shape),
-            "weight_shape": list(weight.shape),
-            "stride": stride,
-            "threads": threads,
-            **_choose(x.detach(), weight.detach(), stride, input_grad),
-        }
+        _chosen[key] = _stored_or_timed(
+            key,
+            lambda: {
+                "dtype": str(x.dtype).removeprefix("torch."),
+                "input_shape": list(x.shape),
+                "weight_shape": list(weight.shape),
+                "stride": stride,
+                "threads": threads,
+                **_choose(x.detach(), weight.detach(), stride, input_grad),
+                "timed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
     return _chosen[key]["input_gradient"], _chosen[key]["weight_gradient"]
 
 
@@ -256,7 +337,8 @@ def conv_backward(mode: str) -> Iterator[None]:
 
 def chosen_backward() -> list[dict[str, Any]]:
     """What ``auto`` chose so far in this process, one entry per shape and dtype, with the best
-    time in seconds of each way of each gradient."""
+    time in seconds of each way of each gradient and when it was timed (in this process or an
+    earlier one: the module docstring)."""
     return list(_chosen.values())
 
 

@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast", "cpu_isa", "default_device", "describe", "resolve_precision"]
+__all__ = ["PRECISIONS", "autocast", "cpu_isa", "cpu_name", "default_device", "describe", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -63,7 +63,8 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name, e.g. ``"AMD EPYC"`` (from ``/proc/cpuinfo`` where there is one)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -92,7 +93,7 @@ def describe(device: torch.device | None = None) -> str:
     else:
         threads, cores = torch.get_num_threads(), os.cpu_count()
         what = (
-            f"CPU: {_cpu_name()}, {threads} thread{'s' * (threads != 1)} of {cores} "
+            f"CPU: {cpu_name()}, {threads} thread{'s' * (threads != 1)} of {cores} "
             f"core{'s' * (cores != 1)}, {cpu_isa()}"
         )
     return f"{what}; torch {torch.__version__}"

@@ -3,6 +3,8 @@ and ``auto`` times each shape once."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,3 +166,71 @@ def test_remembered_choices_are_used_not_timed(monkeypatch):
     with conv_backward("auto"):
         assert conv_module._paths(x, w, 2) == ("phases", "native")
     assert chosen_backward() == [recorded]
+
+
+def _timing_counter(monkeypatch) -> list[int]:
+    """Count the calls of the timing function (which still runs)."""
+    calls = [0]
+    real = conv_module._choose
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(conv_module, "_choose", counted)
+    return calls
+
+
+def test_choices_persist_between_processes_on_one_machine(monkeypatch, tmp_path):
+    cache = tmp_path / "cache" / "conv-backward.json"
+    monkeypatch.setenv("CAPSNET_CONV_CACHE", str(cache))
+    monkeypatch.setattr(conv_module, "_chosen", {})
+    x, w, _ = _tensors((2, 4, 12, 12), (6, 4, 5, 5), torch.float32)
+    timed = _timing_counter(monkeypatch)
+    with conv_backward("auto"):
+        first = conv_module._paths(x, w, 2)
+    (choice,) = chosen_backward()
+    stored = json.loads(cache.read_text())
+    assert timed == [1] and list(stored) == [conv_module._machine()]
+    assert list(stored[conv_module._machine()].values()) == [choice] and "timed" in choice
+
+    monkeypatch.setattr(conv_module, "_chosen", {})  # a new process on the same machine
+    with conv_backward("auto"):
+        assert conv_module._paths(x, w, 2) == first
+    assert timed == [1] and chosen_backward() == [choice]
+
+    monkeypatch.setattr(conv_module, "_chosen", {})  # another machine sharing the home folder
+    monkeypatch.setattr(conv_module, "_machine", lambda: "another CPU")
+    with conv_backward("auto"):
+        conv_module._paths(x, w, 2)
+    assert timed == [2] and len(json.loads(cache.read_text())) == 2
+
+
+@pytest.mark.parametrize("content", ["not JSON", "[]", '{"m": {"k": {"input_gradient": "fastest"}}}'])
+def test_an_unreadable_cache_is_timed_again_and_rewritten(monkeypatch, tmp_path, content):
+    cache = tmp_path / "conv-backward.json"
+    key = conv_module._key(torch.float32, (2, 4, 12, 12), (6, 4, 5, 5), 2, True, torch.get_num_threads())
+    content = content.replace('"m"', json.dumps(conv_module._machine())).replace('"k"', json.dumps(repr(key)))
+    cache.write_text(content)  # the last: a stored choice that names no way of computing a gradient
+    monkeypatch.setenv("CAPSNET_CONV_CACHE", str(cache))
+    monkeypatch.setattr(conv_module, "_chosen", {})
+    timed = _timing_counter(monkeypatch)
+    x, w, _ = _tensors((2, 4, 12, 12), (6, 4, 5, 5), torch.float32)
+    with conv_backward("auto"):
+        conv_module._paths(x, w, 2)
+    assert timed == [1]
+    assert list(json.loads(cache.read_text())[conv_module._machine()].values()) == chosen_backward()
+
+
+@pytest.mark.parametrize("setting", ["", "file"])
+def test_without_a_usable_cache_each_process_times_for_itself(monkeypatch, tmp_path, setting):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # "": no cache; "file": its folder would have to be a file, so it cannot be written
+    monkeypatch.setenv("CAPSNET_CONV_CACHE", setting and str(blocker / "conv-backward.json"))
+    monkeypatch.setattr(conv_module, "_chosen", {})
+    timed = _timing_counter(monkeypatch)
+    x, w, _ = _tensors((2, 4, 12, 12), (6, 4, 5, 5), torch.float32)
+    with conv_backward("auto"):
+        conv_module._paths(x, w, 2)
+    assert timed == [1] and len(chosen_backward()) == 1 and blocker.read_text() == ""
