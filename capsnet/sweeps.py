@@ -22,10 +22,13 @@ from pathlib import Path
 
 from .train import ConfigError
 
-__all__ = ["AFFNIST_TARGET", "SWEEPS", "SEEDS", "SweepError", "run_sweep", "sweep_runs"]
+__all__ = ["AFFNIST_TARGET", "CONVERGED_SEEDS", "SWEEPS", "SEEDS", "SweepError", "run_sweep", "sweep_runs"]
 
-# Every comparison that depends on training noise trains three seeds (chapters 6, 9, 11-13).
+# Every comparison that depends on training noise trains at least three seeds (chapters 6, 9, 11-13).
 SEEDS = (0, 1, 2)
+# Chapter 13's convergence sweep on the CPU: five seeds, so that its paired t-test over seeds has four
+# degrees of freedom (with three, a mean difference must lie 4.3 standard errors from zero).
+CONVERGED_SEEDS = (0, 1, 2, 3, 4)
 
 _MNIST = ["--dataset", "mnist", "--profile", "cpu", "--test-size", "5000", "--batch-size", "64"]
 
@@ -63,7 +66,7 @@ _FRACTIONS = {"1pct": 600, "5pct": 3000, "10pct": 6000, "100pct": 0}
 # Chapter 13, to convergence: the smallest training set (1%, where the claim should show most)
 # trained until validation accuracy stops improving: checked every 100 steps, stopped after 4
 # checks in a row without a new best, or at a cap of steps (a run that reaches it is flagged by
-# the chapter). CapsNet keeps the paper's learning rate; the CNN's was tuned on validation by
+# the chapter). CapsNet keeps the paper's learning rate; each CNN's was tuned on validation by
 # `data-efficiency-tuning` (seed 0, the same size and rule). Larger sizes take CapsNet hours per
 # run on the CPU: the GPU sweep has them.
 _CONVERGED = [*_MNIST, "--val-size", "5000", "--val-every", "100", "--val-patience", "4"]
@@ -73,9 +76,10 @@ _CONVERGED_STEPS = {"capsnet": "2000", "cnn-small": "5000", "cnn-flops": "5000"}
 # under the same rule, with a cap long enough for the full training set.
 _CONVERGED_GPU_CAP = "30000"
 CNN_LRS = ("3e-4", "1e-3", "3e-3")
-CNN_LR = "3e-4"  # the validation split's choice among CNN_LRS
-# cnn-flops, the CNN matched to CapsNet in training FLOPs too, takes cnn-small's tuned rate.
-_DE_LRS = {"capsnet": "1e-3", "cnn-small": CNN_LR, "cnn-flops": CNN_LR}
+# Each CNN's rate: the validation split's choice among CNN_LRS, fixed before that CNN's runs of the
+# sweep started (cnn-flops, the CNN matched to CapsNet in training FLOPs too, was tuned later).
+CNN_LR = {"cnn-small": "3e-4", "cnn-flops": "3e-4"}
+_DE_LRS = {"capsnet": "1e-3", **CNN_LR}
 
 # Chapter 11: the paper's protocol for affNIST, at matched accuracy. CapsNet and cnn-small train on
 # the translated digits (all of MNIST's training images but the 5,000 held out), their validation
@@ -121,11 +125,12 @@ SWEEPS: dict[str, dict[str, list[str]]] = {
         for seed in SEEDS
     },
     "data-efficiency-tuning": {
-        f"cnn-small-lr{lr}": [
+        f"{model}-lr{lr}": [
             *_CONVERGED,
-            *("--model", "cnn-small", "--train-size", "600", "--steps", _CONVERGED_STEPS["cnn-small"]),
+            *("--model", model, "--train-size", "600", "--steps", _CONVERGED_STEPS[model]),
             *("--lr", lr, "--seed", "0"),
         ]
+        for model in CNN_LR
         for lr in CNN_LRS
     },
     "data-efficiency-converged": {
@@ -136,7 +141,7 @@ SWEEPS: dict[str, dict[str, list[str]]] = {
         ]
         for model in _DE_LRS
         for fraction, size in (("1pct", 600),)
-        for seed in SEEDS
+        for seed in CONVERGED_SEEDS
     },
     "data-efficiency-converged-gpu": {
         f"{model}-{fraction}-seed{seed}": [

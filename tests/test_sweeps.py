@@ -16,6 +16,7 @@ from capsnet.sweeps import (
     AFFNIST_TARGET,
     CNN_LR,
     CNN_LRS,
+    CONVERGED_SEEDS,
     LOGIT_SCALE,
     LOGIT_SCALES,
     NO_SQUASH_LR,
@@ -222,18 +223,22 @@ def test_affnist_compares_the_models_stopped_at_one_validation_accuracy():
 
 def test_data_efficiency_to_convergence_differs_only_in_model_size_and_seed():
     """Chapter 13's second protocol: each run stops when validation accuracy stops improving
-    (a patience rule, or a cap), CapsNet at the paper's rate, the CNN at the rate its own
+    (a patience rule, or a cap), CapsNet at the paper's rate, each CNN at the rate its own
     tuning runs chose on validation; all test on the same images."""
     tuning = sweep_runs("data-efficiency-tuning")
-    assert CNN_LR in CNN_LRS and set(tuning) == {f"cnn-small-lr{lr}" for lr in CNN_LRS}
+    assert set(CNN_LR) == {"cnn-small", "cnn-flops"} and set(CNN_LR.values()) <= set(CNN_LRS)
+    assert set(tuning) == {f"{model}-lr{lr}" for model in CNN_LR for lr in CNN_LRS}
     runs = sweep_runs("data-efficiency-converged")
     models = ("capsnet", "cnn-small", "cnn-flops")
-    assert set(runs) == {f"{m}-1pct-seed{s}" for m in models for s in SEEDS}
+    assert set(runs) == {f"{m}-1pct-seed{s}" for m in models for s in CONVERGED_SEEDS}
+    assert set(CONVERGED_SEEDS) > set(SEEDS)
     gpu = sweep_runs("data-efficiency-converged-gpu")
     fixed_budget = sweep_runs("data-efficiency")
     assert set(gpu) == set(fixed_budget) | {r.replace("cnn-small", "cnn-flops") for r in fixed_budget}
-    assert set(gpu) > set(runs)
+    assert set(gpu) > {run for run in runs if int(run.rsplit("seed", 1)[1]) in SEEDS}
     for run, args in runs.items():  # the GPU sweep is the CPU sweep with a longer cap, and more sizes
+        if run not in gpu:  # the CPU sweep's extra seeds
+            continue
         cap = args.index("--steps") + 1
         assert gpu[run][:cap] + gpu[run][cap + 1 :] == args[:cap] + args[cap + 1 :], run
         assert int(gpu[run][cap]) > int(args[cap])
@@ -244,9 +249,10 @@ def test_data_efficiency_to_convergence_differs_only_in_model_size_and_seed():
         assert config.val_patience and config.val_every and config.val_size and config.steps
         assert config.test_seed is None and config.stop_at_val_accuracy is None
         if run in runs:
-            assert config.lr == (1e-3 if config.model == "capsnet" else float(CNN_LR)), run
+            assert config.lr == (1e-3 if config.model == "capsnet" else float(CNN_LR[config.model])), run
         else:
-            assert (config.model, config.seed, config.train_size) == ("cnn-small", 0, 600), run
+            assert config.model in CNN_LR and float(run.rsplit("-lr", 1)[1]) == config.lr, run
+            assert (config.seed, config.train_size) == (0, 600), run
         varied = ("model", "seed", "steps", "train_size", "lr")
         options = {k: v for k, v in vars(config).items() if k not in varied}
         assert shared in (None, options), run
