@@ -173,7 +173,7 @@ def adam(parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
     On the CPU and CUDA it is PyTorch's fused implementation: the same update, equal to the
     default one up to rounding (a test checks it in float64), computed in one pass over each
     weight instead of about eight. For CapsNet on 2 CPU cores an optimiser step takes about 5 ms
-    instead of 30, which is a tenth of a training step at batch 32 (chapter 15).
+    instead of 30: 5-8% of a training step at batch 32 (the README's speed section).
     """
     parameters = list(parameters)
     fused = all(p.device.type in FUSED_ADAM_DEVICES for p in parameters) or None
