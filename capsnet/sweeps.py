@@ -76,8 +76,9 @@ _CONVERGED_STEPS = {"capsnet": "2000", "cnn-small": "5000", "cnn-flops": "5000"}
 # under the same rule, with a cap long enough for the full training set.
 _CONVERGED_GPU_CAP = "30000"
 CNN_LRS = ("3e-4", "1e-3", "3e-3")
-# Each CNN's rate: the validation split's choice among CNN_LRS, fixed before that CNN's runs of the
-# sweep started (cnn-flops, the CNN matched to CapsNet in training FLOPs too, was tuned later).
+# Each CNN's rate: the validation split's choice among CNN_LRS. cnn-small's was fixed before its runs
+# of the sweep; cnn-flops (matched to CapsNet in training FLOPs too) was tuned after its first three
+# seeds, which used cnn-small's rate, and chose the same one.
 CNN_LR = {"cnn-small": "3e-4", "cnn-flops": "3e-4"}
 _DE_LRS = {"capsnet": "1e-3", **CNN_LR}
 

@@ -22,9 +22,9 @@ def tiny_check(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Com
     assert data and Path(data).is_dir(), "set CAPSNET_DATA to the folder holding MNIST"
     work = tmp_path_factory.mktemp("gpu-check")
     command = [sys.executable, "tools/gpu_check.py", "--tiny", "--jobs", "1", "--scratch", str(work)]
-    # one way of computing the convolution gradients in every process (capsnet.conv): under auto
-    # the resumed and the uninterrupted runs may time different choices and differ in rounding
-    environment = {**os.environ, "CAPSNET_CONV_BACKWARD": "convolutions"}
+    # one cache of the convolution-gradient choices for every process (capsnet.conv): timing for
+    # itself, the resumed run could keep another choice than the uninterrupted one and differ in rounding
+    environment = {**os.environ, "CAPSNET_CONV_CACHE": str(work / "conv-backward.json")}
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=environment)
     return done, work / "records"
 

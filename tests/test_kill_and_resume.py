@@ -42,12 +42,21 @@ pytestmark = pytest.mark.skipif(FORK is None, reason="needs fork and SIGKILL")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_way_to_compute_gradients():
-    """Every child computes the convolution gradients the same way. Under ``auto`` each process
-    times both ways and may keep another: a resumed run reuses its record's choice, but a run
-    killed before its first record starts afresh and times again (capsnet.conv)."""
-    with conv_backward("convolutions"):
-        yield
+def _one_way_to_compute_gradients(tmp_path_factory: pytest.TempPathFactory):
+    """Every child computes the convolution gradients the same way: under ``auto`` the first to
+    time a shape stores its choice in one cache file and the others read it (capsnet.conv; a run
+    killed before its first record starts afresh, so without the file it would time again)."""
+    cache = tmp_path_factory.mktemp("conv-cache") / "conv-backward.json"
+    before = os.environ.get("CAPSNET_CONV_CACHE")
+    os.environ["CAPSNET_CONV_CACHE"] = str(cache)
+    try:
+        with conv_backward("auto"):
+            yield
+    finally:
+        if before is None:
+            del os.environ["CAPSNET_CONV_CACHE"]
+        else:
+            os.environ["CAPSNET_CONV_CACHE"] = before
 
 
 def _digits(config, split: str, root) -> tuple[torch.Tensor, torch.Tensor]:
