@@ -147,10 +147,12 @@ def _chapter1(s: Any, p: Profile) -> list[Work]:
 
 def _chapter6(s: Any, p: Profile) -> list[Work]:
     work = []
+    seeds = len(s["seeds"])
     for r, gradient in [(1, "last"), (2, "last"), (3, "last"), (4, "last"), (5, "last"), (3, "all")]:
         flops = _capsnet(**s["model"], routing_iterations=r, routing_gradient=gradient)
-        work.append(_train(f"CapsNet r={r} ({gradient})", flops, s["n_train"] * s["epochs"], s["batch_size"]))
-        work.append(_test(f"test r={r}", flops, s["n_test"]))
+        images = seeds * s["n_train"] * s["epochs"]
+        work.append(_train(f"CapsNet r={r} ({gradient}), {seeds} seeds", flops, images, s["batch_size"]))
+        work.append(_test(f"test r={r}", flops, seeds * s["n_test"]))
     routing = _capsnet(**s["model"], routing_iterations=8)
     work.append(_test("routing traces", routing, 4 * s["n_inspect"]))
     return work

@@ -83,11 +83,12 @@ CHAPTER_SIZES: dict[int, dict[str, dict[str, Any]]] = {
         smoke={"n_per_class": 400, "steps": 200, "seeds": 1},
         cpu={"n_per_class": 1_000, "steps": 600, "seeds": 3},
     ),
-    # Six CapsNets, r = 1..5 (gradient through the last iteration) and r = 3 (through all):
-    # training / test images, epochs, batch, images whose routing is inspected, the model's size
-    # (smaller CapsNets on a CPU; {} is the paper's).
+    # Six CapsNets, r = 1..5 (gradient through the last iteration) and r = 3 (through all), each
+    # trained from every seed: training / test images, epochs, batch, seeds, images whose routing
+    # is inspected, the model's size (smaller CapsNets on a CPU; {} is the paper's).
     6: {
         "smoke": {
+            "seeds": (0, 1),
             "n_train": 128,
             "n_test": 128,
             "epochs": 1,
@@ -96,6 +97,7 @@ CHAPTER_SIZES: dict[int, dict[str, dict[str, Any]]] = {
             "model": {"conv_channels": 16, "primary_types": 4, "decoder_hidden": (64, 128)},
         },
         "cpu": {
+            "seeds": (0, 1, 2),
             "n_train": 4_000,
             "n_test": 2_000,
             "epochs": 1,
@@ -104,7 +106,8 @@ CHAPTER_SIZES: dict[int, dict[str, dict[str, Any]]] = {
             "model": {"conv_channels": 32, "primary_types": 8},
         },
         "colab": {
-            "n_train": 60_000,
+            "seeds": (0, 1, 2),
+            "n_train": 20_000,
             "n_test": 10_000,
             "epochs": 1,
             "batch_size": 128,
@@ -112,6 +115,7 @@ CHAPTER_SIZES: dict[int, dict[str, dict[str, Any]]] = {
             "model": {},
         },
         "paper": {
+            "seeds": (0, 1, 2),
             "n_train": 60_000,
             "n_test": 10_000,
             "epochs": 5,
