@@ -35,16 +35,17 @@ def section() -> str:
             f"{run['epochs_done']} epochs of 60,000 images in {run['wall_seconds']:,.0f} s of training",
             f"({run['wall_seconds'] / 3600:.1f} h; an epoch took {min(seconds) / 60:.0f} to",
             f"{max(seconds) / 60:.0f} min, depending on what else the machine was running).",
-            "Its test accuracy, evaluated in float32 on the stored float16 weights over all",
-            f"{final['test_images']:,} test images, is",
-            f"**{100 * final['accuracy']:.2f}% ({final['error']:.2f}% error)**.",
-            f"Per-epoch test accuracy (`metrics.jsonl`, evaluated in {run['precision']}): {accuracies}%",
-            f"(best {100 * best['test_accuracy']:.2f}% after epoch {best['epoch']}).",
-            "The run was continued one epoch at a time after epoch 12, to stop at the first epoch whose",
-            "final evaluation reaches 99.5%, the target set for it: a stopping rule that looks at the test",
-            f"set, so the final number is the best of {summary['evaluations']} test evaluations and",
-            "flatters the model. The number fixed before training: the end of the schedule its first",
-            f"command set, epoch {summary['planned_epoch']}: {summary['planned_error']:.2f}% error. The",
+            "The number fixed before training, at the end of the schedule its first command set",
+            f"(epoch {summary['planned_epoch']}, evaluated in {run['precision']} during training), is",
+            f"**{summary['planned_error']:.2f}% test error**.",
+            "The run was then continued, one epoch at a time after epoch 12, to stop at the first epoch",
+            "whose final evaluation reaches 99.5%, the target set for it: a stopping rule that looks at the",
+            "test set. Its final evaluation, in float32 on the stored float16 weights over all",
+            f"{final['test_images']:,} test images, is {100 * final['accuracy']:.2f}%",
+            f"({final['error']:.2f}% error): the best of {summary['evaluations']} test evaluations, so it",
+            "flatters the model. Per-epoch test accuracy",
+            f"(`metrics.jsonl`, evaluated in {run['precision']}):",
+            f"{accuracies}% (best {100 * best['test_accuracy']:.2f}% after epoch {best['epoch']}). The",
             f"mean over epochs {summary['last_epochs'][0]}-{summary['last_epochs'][1]},",
             f"{summary['last_mean']:.2f}% (sd {summary['last_sd']:.2f} between those epochs), depends",
             "less on where the rule stopped. The run routes with gradients through the last routing",
@@ -65,7 +66,9 @@ def section() -> str:
         ]
     )
     intro = "`runs/mnist-reference/` holds one recorded training of the paper's CapsNet on MNIST, made with"
-    return f"{HEADING}\n\n{intro}\n\n```bash\n{commands}\n```\n\n{textwrap.fill(paragraph, 105)}\n"
+    # no breaks at hyphens: a path in backquotes must stay on one line
+    text = textwrap.fill(paragraph, 105, break_on_hyphens=False, break_long_words=False)
+    return f"{HEADING}\n\n{intro}\n\n```bash\n{commands}\n```\n\n{text}\n"
 
 
 def main() -> None:
