@@ -1,5 +1,6 @@
 """tools/execute_notebooks.py: the install cell names the release a notebook was executed with,
-every chapter's install cell is the same, and ``--output-dir`` leaves the notebooks it reads alone."""
+every chapter's install cell is the same, and ``--output-dir`` leaves the notebooks it reads alone.
+tools/fourier_conv.py: the experiment's convolution is the convolution."""
 
 from __future__ import annotations
 
@@ -101,3 +102,13 @@ def test_output_dir_leaves_the_notebook_alone(tmp_path, monkeypatch):
     assert executed.cells[2].outputs[0].text == "smoke\n"
     assert executed.metadata.capsnet.release == f"v{capsnet.__version__}"
     assert executed.metadata.capsnet.profile == "smoke"
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride"),
+    [((20, 21), (9, 8), 2), ((28, 28), (9, 9), 1), ((11, 11), (4, 4), 3), ((13, 12), (3, 3), 2)],
+)
+def test_fourier_conv_matches_conv2d_in_float64(size, kernel, stride):
+    fourier_conv = load_tool("fourier_conv")
+    # the output and both gradients, against F.conv2d and autograd
+    assert fourier_conv.largest_error(2, 3, 4, size, kernel, stride) < 1e-10
