@@ -3,7 +3,8 @@
 Layers, bottom up: ``squashing``, ``losses`` and ``conv`` (tensor functions) -> ``routing`` ->
 ``layers`` -> ``models`` -> ``train``, ``bench``, ``budget``, ``reference``, ``plotting`` -> ``cli``.
 ``profiles`` (run sizes, and every chapter's sizes) stands below them all; ``display`` (results
-tables and source listings for the chapters) and ``stats`` (paired tests, verdicts) stand apart.
+tables and source listings for the chapters), ``stats`` (paired tests, verdicts) and ``probe``
+(linear read-outs of a representation) stand apart.
 ``multidigit`` (two overlapping digits) and ``sweeps`` (the recorded experiments) sit beside ``train``.
 ``data`` (and the toy ``faces``) stand apart and know nothing of models.
 Matrix capsules (Hinton, Sabour & Frosst 2018): ``routing_em`` sits beside ``routing``,
@@ -30,7 +31,7 @@ from .routing_em import EMRoutingOutput, em_routing, em_routing_reference, inver
 from .routing_reference import dynamic_routing_reference
 from .squashing import capsule_length, squash
 
-__version__ = "0.7.1"
+__version__ = "0.7.2"
 
 __all__ = [
     "BaselineCNN",

@@ -185,19 +185,27 @@ def _chapter9(s: Any, p: Profile) -> list[Work]:
 
 def _chapter10(s: Any, p: Profile) -> list[Work]:
     flops = _capsnet()
-    pooled_cnn = nn.Sequential(
+    convs = [
         nn.Conv2d(1, 32, 5, padding=2), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 10),
-    )  # fmt: skip
-    cnn = 3 * _cnn_flops(pooled_cnn, 28)
+        nn.Conv2d(64, 64, 3, padding=1),
+    ]  # fmt: skip
+    pooled_cnn = nn.Sequential(*convs, nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    map_cnn = nn.Sequential(*convs, nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.Linear(128, 10))
+    images = s["cnn_train"] * s["cnn_epochs"]
     transforms = 2 * 7 + 7  # horizontal and vertical shifts, rotations
     return [
         _test("reference model on test digits", flops, 500 + s["n_routing"], "cpu"),
         _test(
             "equivariance", flops, (transforms + 1) * s["n_equivariance"], "cpu", batch=s["n_equivariance"]
         ),
-        Work("pooled CNN", cnn * s["cnn_train"] * s["cnn_epochs"], _batches(s["cnn_train"], 128), "cpu"),
+        Work("pooled CNN", 3 * _cnn_flops(pooled_cnn, 28) * images, _batches(images, 128), "cpu"),
+        Work(
+            "CNNs without global pooling",
+            3 * _cnn_flops(map_cnn, 28) * images * len(s["seeds"]),
+            _batches(images, 128) * len(s["seeds"]),
+            "cpu",
+        ),
     ]
 
 
