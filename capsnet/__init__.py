@@ -31,7 +31,7 @@ from .routing_em import EMRoutingOutput, em_routing, em_routing_reference, inver
 from .routing_reference import dynamic_routing_reference
 from .squashing import capsule_length, squash
 
-__version__ = "0.7.2"
+__version__ = "0.7.3"
 
 __all__ = [
     "BaselineCNN",

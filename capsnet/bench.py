@@ -116,6 +116,9 @@ def flops_per_image(model: CapsNet) -> dict[str, Any]:
       ``s_j = sum_i c_ij u_hat_j|i`` passes a gradient to ``u_hat``: one more weighted sum. With
       ``gradient="all"`` every routing product passes gradients to both operands: 3x.
 
+    ``training_conv1_frozen`` is a training step with Conv1 frozen (the fast recipe's later
+    steps): Conv1 runs forward only, and PrimaryCaps needs no gradient for its input.
+
     For the paper's model this gives about 0.41 GFLOP forward and 1.2 GFLOP per training step,
     over 95% of it in the PrimaryCaps convolution.
     """
@@ -150,7 +153,12 @@ def flops_per_image(model: CapsNet) -> dict[str, Any]:
         + routing
         + routing_backward_passes * pass_over_predictions
     )
-    return {"layers": layers, "forward": 2 * forward_macs, "training": 2 * training_macs}
+    return {
+        "layers": layers,
+        "forward": 2 * forward_macs,
+        "training": 2 * training_macs,
+        "training_conv1_frozen": 2 * (training_macs - conv1 - primary),
+    }
 
 
 def _synchronize(device: torch.device) -> None:

@@ -173,7 +173,11 @@ def _chapter9(s: Any, p: Profile) -> list[Work]:
     test_size = options.get("test_size", sizes.test_size) or 10_000
     flops = _capsnet()
     if "steps" in options:
-        run = Work("live training run", flops["training"] * options["steps"] * batch, options["steps"])
+        frozen = options.get("freeze_conv1_after")
+        per_image = flops["training"]
+        if frozen is not None:  # the steps after the freeze skip two of the convolution passes
+            per_image = frozen * per_image + (1 - frozen) * flops["training_conv1_frozen"]
+        run = Work("live training run", per_image * options["steps"] * batch, options["steps"])
         tests = 1
     else:
         epochs = options.get("epochs", sizes.epochs)

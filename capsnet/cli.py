@@ -31,7 +31,7 @@ _CONFIG_OPTIONS = (
     *("dataset", "model", "profile", "epochs", "steps", "test_every", "batch_size", "train_size"),
     *("test_size", "lr", "max_shift", "precision", "seed", "routing_iterations", "routing_gradient"),
     *("coupling", "recon_weight", "loss", "logit_scale", "lr_schedule", "val_size", "test_seed"),
-    *("val_every", "stop_at_val_accuracy", "val_patience"),
+    *("val_every", "stop_at_val_accuracy", "val_patience", "freeze_conv1_after"),
 )
 _FLAGS = {"no_decoder": "decoder", "no_squash": "squashed"}
 BENCH_MAX_STEPS = 10_000
@@ -227,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKS",
         help="stop training after this many validation checks in a row without a new best "
         "accuracy (needs --val-every), then test: training to convergence on validation",
+    )
+    t.add_argument(
+        "--freeze-conv1-after",
+        type=float,
+        metavar="FRACTION",
+        help="stop training CapsNet's first convolution after this fraction of the step budget "
+        "(0 to 1; default: train it throughout): the later steps skip its gradients, about a "
+        "third of a CPU step",
     )
     t.add_argument(
         "--recipe",

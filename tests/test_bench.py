@@ -30,6 +30,9 @@ def test_flops_of_the_paper_model_by_hand() -> None:
     training = 2 * conv1 + 3 * (primary + predictions + decoder) + routing + one_pass
     assert flops["training"] == 2 * training
     assert 1.15e9 < flops["training"] < 1.25e9
+    # Conv1 frozen: Conv1 forward only, PrimaryCaps without its input gradient
+    frozen = conv1 + 2 * primary + 3 * (predictions + decoder) + routing + one_pass
+    assert flops["training_conv1_frozen"] == 2 * frozen
 
 
 def test_flops_follow_the_routing_options() -> None:

@@ -84,3 +84,63 @@ def test_a_recipe_sets_options_and_options_given_beside_it_win() -> None:
 
 def test_the_hardware_line_names_the_vector_instructions_in_use() -> None:
     assert cpu_isa() in describe(torch.device("cpu"))
+
+
+def _tiny_capsnet() -> CapsNet:
+    torch.manual_seed(0)
+    return CapsNet(conv_channels=8, primary_types=2, decoder_hidden=(16, 32))
+
+
+def _trained(epochs: int, **kwargs) -> CapsNet:
+    """A tiny CapsNet trained on 3 batches per epoch with the paper's schedule (which does not
+    depend on the budget, so runs of different lengths share their first steps)."""
+    model = _tiny_capsnet()
+    images = torch.randint(
+        0, 256, (24, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    batches = DeviceBatches(images, torch.arange(24) % 10, 8, shuffle=True, seed=0)
+    fit(model, batches, epochs=epochs, lr=1e-2, precision="fp32", progress=False, **kwargs)
+    return model
+
+
+def test_conv1_frozen_after_half_the_budget_keeps_the_weights_it_had_then() -> None:
+    half = _trained(1)  # 3 steps
+    frozen = _trained(2, freeze_conv1_after=0.5)  # frozen from step 3 of 6
+    whole = _trained(2)
+    torch.testing.assert_close(frozen.conv1.weight, half.conv1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(frozen.conv1.bias, half.conv1.bias, rtol=0, atol=0)
+    assert not torch.equal(frozen.conv1.weight, whole.conv1.weight)
+    assert not torch.equal(frozen.primary.conv.weight, half.primary.conv.weight)  # the rest trained on
+    assert frozen.conv1.weight.grad is None  # the last steps computed no gradient for it
+    assert all(p.requires_grad for p in frozen.parameters())  # trainable again afterwards
+
+
+def test_conv1_frozen_from_the_start_keeps_its_initial_weights() -> None:
+    never = _trained(1, freeze_conv1_after=0.0)
+    torch.testing.assert_close(never.conv1.weight, _tiny_capsnet().conv1.weight, rtol=0, atol=0)
+
+
+def test_a_resumed_run_keeps_conv1_frozen(tmp_path) -> None:
+    """4 steps frozen after 1, resumed to 6: Conv1 still holds what one step made of it."""
+    one_step = _trained(1, max_steps=1)
+    _trained(2, max_steps=4, freeze_conv1_after=0.25, out_dir=tmp_path)
+    resumed = _trained(2, max_steps=6, freeze_conv1_after=0.25, out_dir=tmp_path, resume=True)
+    torch.testing.assert_close(resumed.conv1.weight, one_step.conv1.weight, rtol=0, atol=0)
+
+
+def test_freezing_conv1_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"freeze_conv1_after must lie in \[0, 1\], got 1.5"):
+        _trained(1, freeze_conv1_after=1.5)
+    with pytest.raises(ValueError, match="needs a model with a conv1 layer"):
+        fit(
+            torch.nn.Linear(2, 2),
+            DeviceBatches(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), 2),
+            epochs=1,
+            freeze_conv1_after=0.5,
+            progress=False,
+        )
+    with pytest.raises(ConfigError, match=r"freeze_conv1_after \(--freeze-conv1-after\) is a fraction"):
+        TrainConfig(freeze_conv1_after=2.0).resolved()
+    with pytest.raises(ConfigError, match="--model baseline has none"):
+        TrainConfig(model="baseline", freeze_conv1_after=0.5).resolved()
+    TrainConfig(freeze_conv1_after=0.3).resolved()  # a valid configuration
