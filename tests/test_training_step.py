@@ -8,14 +8,16 @@ raise while the loss is computed."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 import capsnet
+from capsnet.data import DeviceBatches
 from capsnet.losses import as_target_mask, margin_loss, reconstruction_loss
-from capsnet.train import batch_loss
+from capsnet.train import batch_loss, fit
 
 TINY_CAPSNET = {"conv_channels": 16, "primary_types": 4, "decoder_hidden": (32, 64)}
 HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
@@ -68,6 +70,34 @@ def test_the_baseline_loss_path_reads_nothing_on_the_host() -> None:
     model = capsnet.BaselineCNN(channels=(4, 4, 4), hidden=(8, 8))
     with no_host_reads():
         batch_loss(model, torch.rand(3, 1, 28, 28), torch.tensor([0, 1, 2]), 0.0, train=True)[0].backward()
+
+
+def _sync_warnings_of_fit(steps: int) -> int:
+    """How often a CUDA training run of ``steps`` steps makes the host wait for the GPU, counted by
+    ``torch.cuda.set_sync_debug_mode("warn")`` (every synchronising call warns)."""
+    torch.manual_seed(0)
+    model = capsnet.CapsNet(**TINY_CAPSNET).cuda()
+    images = torch.randint(
+        0, 256, (48, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    batches = DeviceBatches(images, torch.arange(48) % 10, 8, "cuda", shuffle=True, max_shift=2, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fit(model, batches, epochs=1, max_steps=steps, freeze_conv1_after=0.5, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_training_step_makes_the_host_wait_for_the_gpu() -> None:
+    """A run of 6 steps synchronises exactly as often as a run of 2: only at the end of the epoch
+    (its loss and accuracy sums, the finiteness check), never per step. Counted after a first run
+    that pays the one-time initialisations; in the precision ``auto`` picks on this GPU."""
+    _sync_warnings_of_fit(2)
+    assert _sync_warnings_of_fit(6) == _sync_warnings_of_fit(2)
 
 
 def test_bad_labels_are_still_refused_on_the_cpu() -> None:
