@@ -357,7 +357,8 @@ def fit(
             fraction of the budget (``max_steps``, else every step of every epoch) has been
             trained: its weights keep their values, and the steps after it skip its weight
             gradient and the next layer's input gradient (freezing early layers, as FreezeOut,
-            Brock et al. 2017). ``None`` trains it throughout. Restored to trainable at the end.
+            Brock et al. 2017). ``None`` trains it throughout. Every parameter's ``requires_grad``
+            is as it was on entry when ``fit`` returns.
         more_tests: further test sets, evaluated after every epoch as ``{name}_loss``,
             ``{name}_accuracy`` and ``{name}_error``.
         test_every: evaluate the test sets every this many epochs and after the last one.
@@ -822,7 +823,7 @@ def _subset(images: torch.Tensor, labels: torch.Tensor, size: int, seed: int):
 # it win). fast: the paper's CapsNet aiming at >= 99% MNIST test accuracy in a fixed budget that
 # takes at most 10 minutes of training on two AVX2 CPU cores (README, "Speed";
 # tools/time_to_accuracy.py): a one-cycle schedule over a budget of steps fixed in advance (what
-# fits in about 90% of the 10 minutes at the rate measured in a slow hour), the first convolution
+# fits in the 10 minutes at the slowest step times recorded there: about 576 s), the first convolution
 # frozen after a quarter of the steps (the later steps skip about a third of the arithmetic), no
 # random shifts, all training images but 5,000 held out for validation (on which the other
 # settings were chosen), the test set evaluated once, at the end.
