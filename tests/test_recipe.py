@@ -28,9 +28,13 @@ def test_one_cycle_warms_up_then_decays_to_zero() -> None:
     assert values[57] == pytest.approx(0.5 * (1 + math.cos(math.pi * 42 / 85)))
 
 
-def test_fit_follows_the_one_cycle_schedule_over_its_step_budget() -> None:
+def _tiny_capsnet() -> CapsNet:
     torch.manual_seed(0)
-    model = CapsNet(conv_channels=8, primary_types=2, decoder_hidden=(16, 32))
+    return CapsNet(conv_channels=8, primary_types=2, decoder_hidden=(16, 32))
+
+
+def test_fit_follows_the_one_cycle_schedule_over_its_step_budget() -> None:
+    model = _tiny_capsnet()
     images = torch.randint(0, 256, (48, 1, 28, 28), dtype=torch.uint8)
     batches = DeviceBatches(images, torch.arange(48) % 10, 8, shuffle=True, seed=0)
     history = fit(model, batches, epochs=3, max_steps=10, lr=2e-3, lr_schedule="onecycle", progress=False)
@@ -84,11 +88,6 @@ def test_a_recipe_sets_options_and_options_given_beside_it_win() -> None:
 
 def test_the_hardware_line_names_the_vector_instructions_in_use() -> None:
     assert cpu_isa() in describe(torch.device("cpu"))
-
-
-def _tiny_capsnet() -> CapsNet:
-    torch.manual_seed(0)
-    return CapsNet(conv_channels=8, primary_types=2, decoder_hidden=(16, 32))
 
 
 def _trained(epochs: int, **kwargs) -> CapsNet:
